@@ -1,0 +1,1 @@
+"""layerif_plugins."""

@@ -1,0 +1,36 @@
+"""One exception family for everything the library refuses.
+
+Every error a user can cause (bad model, bad data, bad scores file, bad budget) is a
+subclass of :class:`LayerIFError`, raised early with a message that names the bad value
+and the fix; the CLI prints the message alone, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LayerIFError(Exception):
+    """Base class of all errors raised on purpose by layerif_plugins."""
+
+
+class ModelError(LayerIFError):
+    """The model cannot be loaded, converted, or its decoder blocks cannot be found."""
+
+
+class DataError(LayerIFError):
+    """A data file is missing, empty, malformed, or too short for the request."""
+
+
+class ScoresError(LayerIFError):
+    """A scores file is malformed, or does not belong to the model it is applied to."""
+
+
+class AllocationError(LayerIFError):
+    """A budget or target that cannot be met (sparsity, expert counts, layers to drop)."""
+
+
+class NumericsError(LayerIFError):
+    """Non-finite values met during influence computation."""
+
+
+class ConfigError(LayerIFError):
+    """An option or combination of options that cannot work (device, params, paths)."""
