@@ -142,8 +142,10 @@ def load_examples(
     out: list[tuple[int, ...]] = []
     for i in idx:
         rec = records[i]
-        ids = list(rec) if isinstance(rec, list) else tokenizer(rec, add_special_tokens=True)["input_ids"]
-        ids = ids[:max_length]
+        if isinstance(rec, list):
+            ids = list(rec)[:max_length]
+        else:
+            ids = tokenizer(rec, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         if len(ids) < min_tokens:
             raise DataError(
                 f"{path}: example {i} has {len(ids)} token(s); a causal-LM loss needs at least {min_tokens}. "

@@ -1,0 +1,136 @@
+"""Perplexity of a causal LM on a local text file: token-weighted, batched, deterministic.
+
+Each document is scored on its own, preceded by the BOS token (EOS when the tokenizer
+has no BOS), with lm-eval's rolling-window scheme (``loglikelihood_rolling``): windows
+predict disjoint chunks of at most ``context_length`` tokens, and every window after the
+first conditions on the ``context_length`` tokens before its last prediction. The result
+carries the total NLL and the token, word and byte counts, so token perplexity, lm-eval's
+word/byte perplexity and bits per byte all come from one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerif_plugins.data import read_records, select
+from layerif_plugins.errors import DataError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    nll: float  # total negative log-likelihood (nats)
+    tokens: int
+    words: int
+    bytes: int
+    docs: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self.nll / self.words)
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(self.nll / self.bytes)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / self.bytes / math.log(2)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(perplexity=self.perplexity, word_perplexity=self.word_perplexity,
+                 byte_perplexity=self.byte_perplexity, bits_per_byte=self.bits_per_byte)
+        return d
+
+
+def rolling_windows(n_tokens: int, context_length: int) -> list[tuple[int, int, int]]:
+    """``(input_start, input_end, n_pred)`` over ``seq = [prefix] + tokens`` (lm-eval's scheme).
+
+    The window's input is ``seq[input_start:input_end]`` (at most ``context_length`` ids) and
+    the outputs at its last ``n_pred`` positions predict ``tokens[input_end - n_pred : input_end]``
+    (= ``seq[input_end - n_pred + 1 : input_end + 1]``); the windows' predictions are disjoint.
+    """
+    out = []
+    start = 0
+    while start < n_tokens:
+        end = min(start + context_length, n_tokens)
+        in_start = max(0, end - context_length)
+        out.append((in_start, end, end - start))
+        start = end
+    return out
+
+
+def _doc_tokens(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: str | Path | Sequence[str],
+    context_length: int | None = None,
+    batch_size: int = 8,
+    max_docs: int | None = None,
+    show_progress: bool = False,
+) -> PerplexityResult:
+    """Token-weighted perplexity of ``model`` on a text file (or a list of documents)."""
+    if isinstance(texts, (str, Path)):
+        records = read_records(texts)
+        docs = [r for r in records if isinstance(r, str)]
+        if len(docs) != len(records):
+            raise DataError(f"{texts}: perplexity needs text examples, not pre-tokenized input_ids")
+    else:
+        docs = list(texts)
+    if not docs:
+        raise DataError("no documents to evaluate")
+    docs = [docs[i] for i in select(len(docs), max_docs if max_docs and max_docs < len(docs) else None, None, "eval")]
+    ctx = context_length or int(getattr(model.config, "max_position_embeddings", 512))
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    pieces: list[tuple[list[int], list[int]]] = []  # (input ids, targets of the last len(targets) positions)
+    n_tokens = 0
+    for text in docs:
+        toks = _doc_tokens(tokenizer, text)
+        seq = [prefix, *toks]
+        n_tokens += len(toks)
+        for s, e, n_pred in rolling_windows(len(toks), ctx):
+            pieces.append((seq[s:e], toks[e - n_pred : e]))
+    total = 0.0
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k][0]))  # similar lengths together
+    bar = tqdm(total=len(pieces), desc="perplexity", disable=not show_progress, leave=False)
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            chunk = [pieces[k] for k in order[b : b + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, (x, _) in enumerate(chunk):
+                ids[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+            for r, (x, targets) in enumerate(chunk):
+                lp = F.log_softmax(logits[r, len(x) - len(targets) : len(x)], dim=-1)
+                tgt = torch.tensor(targets, device=device)
+                total -= float(lp.gather(1, tgt[:, None]).double().sum())
+            bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    return PerplexityResult(nll=total, tokens=n_tokens, words=words, bytes=n_bytes, docs=len(docs))
