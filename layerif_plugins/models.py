@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -200,7 +200,7 @@ class ModelFingerprint:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 def fingerprint(model: nn.Module) -> ModelFingerprint:

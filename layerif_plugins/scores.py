@@ -14,7 +14,7 @@ import json
 import math
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ class LayerScores:
     extras: dict[str, Any] = field(default_factory=dict)
     higher_is: str = "less well-trained (more sparsity, more experts)"
     versions: dict[str, str] = field(default_factory=library_versions)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -1,0 +1,43 @@
+"""The `layerif` command end to end (in-process), including its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from layerif_plugins.cli import main
+
+
+def test_convert_score_show(tmp_path, stories_bin, tinystories_train, tinystories_valid, capsys):
+    out_dir = tmp_path / "hf"
+    assert main(["convert", str(stories_bin), "--out", str(out_dir)]) == 0
+    assert (out_dir / "config.json").is_file() and (out_dir / "tokenizer.json").is_file()
+    scores = tmp_path / "s.json"
+    args = ["score", "--model", str(out_dir), "--train", str(tinystories_train), "--val", str(tinystories_valid),
+            "--n-train", "8", "--n-val", "4", "--max-length", "32", "--params", "mlp", "--quiet",
+            "--per-example", "--out", str(scores)]
+    assert main(args) == 0
+    data = json.loads(scores.read_text())
+    assert data["params"]["params"] == "mlp" and data["params"]["max_length"] == 32
+    assert len(data["per_example"]) == 8
+    # the same run straight from the llama2.c checkpoint gives the same scores
+    scores_bin = tmp_path / "s_bin.json"
+    assert main([*args[:2], str(stories_bin), *args[3:-1], str(scores_bin)]) == 0
+    assert json.loads(scores_bin.read_text())["scores"] == data["scores"]
+    png = tmp_path / "s.png"
+    assert main(["show", str(scores), str(scores_bin), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| layer |" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(tmp_path, stories_bin, tinystories_valid, capsys):
+    rc = main(["score", "--model", str(stories_bin), "--train", str(tmp_path / "missing.txt"),
+               "--val", str(tinystories_valid), "--out", str(tmp_path / "s.json"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data file not found" in err and "Traceback" not in err
+    rc = main(["score", "--model", str(stories_bin), "--train", str(tinystories_valid), "--val",
+               str(tinystories_valid), "--out", str(tmp_path / "nodir" / "s.json"), "--quiet"])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["score", "--model", str(stories_bin), "--train", str(tinystories_valid), "--n-train", "9999",
+               "--val", str(tinystories_valid), "--out", str(tmp_path / "s.json"), "--quiet"])
+    assert rc == 2 and "only 500" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
