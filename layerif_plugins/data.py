@@ -193,3 +193,28 @@ def pad_id_of(tokenizer: Any) -> int:
         if val is not None:
             return int(val)
     return 0
+
+
+def plan_batches(
+    examples: Examples, index: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Split ``index`` (in order) into batches of at most ``batch_size`` examples and, when
+    ``max_tokens`` is given, at most ``max_tokens`` padded tokens (batch × longest example)."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in index:
+        length = len(examples.input_ids[i])
+        if max_tokens is not None and length > max_tokens:
+            raise DataError(f"example {i} has {length} tokens, more than max_tokens={max_tokens}; raise it")
+        grow = max(longest, length) * (len(cur) + 1)
+        if cur and (len(cur) >= batch_size or (max_tokens is not None and grow > max_tokens)):
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, length)
+    if cur:
+        out.append(cur)
+    return out

@@ -51,8 +51,9 @@ def capture(model: nn.Module, targets: Sequence[LinearModule], batch: Batch) -> 
 
     def make_hook(k: int):
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            inputs[k] = args[0].detach()
-            outputs[k] = output
+            if outputs[k] is None:  # activation checkpointing re-runs the forward: keep the first call
+                inputs[k] = args[0].detach()
+                outputs[k] = output
 
         return hook
 

@@ -23,6 +23,12 @@ class InfluenceConfig:
             (fewer FLOPs) and ghost products (less memory) by ``materialize_limit_bytes``.
         materialize_limit_bytes: largest transient per-example-gradient tensor (batch ×
             d_out × d_in × bytes) the auto mode allows.
+        max_tokens_per_batch: optional cap on padded tokens per batch (batch × longest
+            example); batches are cut at ``batch_size`` examples or this many tokens.
+        checkpoint_dir: when set, every finished pass is saved there and a rerun of the
+            same command resumes from the last finished pass.
+        gradient_checkpointing: recompute block activations in the backward pass (HF's
+            ``gradient_checkpointing_enable``) to cut autograd memory on large models.
         show_progress: tqdm bars on every pass.
     """
 
@@ -32,7 +38,17 @@ class InfluenceConfig:
     pairwise: bool = False
     grad_mode: Literal["auto", "ghost", "materialize"] = "auto"
     materialize_limit_bytes: int = 512 * 2**20
+    max_tokens_per_batch: int | None = None
+    checkpoint_dir: str | None = None
+    gradient_checkpointing: bool = False
     show_progress: bool = True
+
+    # options that do not change the numbers (beyond float rounding), so a resumed run may differ in them
+    RUNTIME_ONLY = ("batch_size", "grad_mode", "materialize_limit_bytes", "max_tokens_per_batch",
+                    "checkpoint_dir", "gradient_checkpointing", "show_progress")
+
+    def numeric_options(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
