@@ -259,11 +259,14 @@ def load_model_and_tokenizer(
     tokenizer: str | Path | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "cpu",
+    device_map: str | dict | None = None,
 ):
     """Load (model, tokenizer) from an HF directory, a hub id, or a llama2.c ``.bin``.
 
-    The model is returned in eval mode on ``device``. A llama2.c checkpoint gets its
-    tokenizer from ``tokenizer`` or from ``tok*.bin`` beside it.
+    The model is returned in eval mode on ``device``, or spread over the available devices
+    with ``device_map`` (e.g. ``"auto"``, through accelerate) for models larger than one
+    device. A llama2.c checkpoint gets its tokenizer from ``tokenizer`` or from ``tok*.bin``
+    beside it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -279,7 +282,8 @@ def load_model_and_tokenizer(
     if p.exists() and not (p / "config.json").is_file():
         raise ModelError(f"{p} exists but is neither an HF model directory (no config.json) nor a llama2.c .bin")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"Could not load a causal LM from {path!s}: {exc}") from exc
     tok_src = str(tokenizer) if tokenizer is not None else str(path)
@@ -292,6 +296,8 @@ def load_model_and_tokenizer(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     decoder_blocks(model)  # fail early on an unknown architecture
+    if device_map is not None:
+        return model.eval(), tok
     return model.to(dev).eval(), tok
 
 

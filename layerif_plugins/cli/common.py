@@ -15,6 +15,8 @@ def add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | float64 | bfloat16 | float16")
     if device:
         p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+        p.add_argument("--device-map", default=None,
+                       help="spread a large model over devices (accelerate device_map, e.g. 'auto')")
 
 
 def add_progress_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +24,8 @@ def add_progress_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    return load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, getattr(args, "device", "cpu"))
+    return load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, getattr(args, "device", "cpu"),
+                                    device_map=getattr(args, "device_map", None))
 
 
 def load_split(path: str, tokenizer: Any, args: argparse.Namespace, n: int | None) -> Examples:
