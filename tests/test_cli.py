@@ -41,3 +41,19 @@ def test_errors_are_one_line(tmp_path, stories_bin, tinystories_valid, capsys):
                "--val", str(tinystories_valid), "--out", str(tmp_path / "s.json"), "--quiet"])
     assert rc == 2 and "only 500" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_score_variability_from_labelled_jsonl(tmp_path, stories_bin, tinystories_valid, shakespeare):
+    from layerif_plugins.data import read_records
+
+    rows = [{"text": t, "label": "story"} for t in read_records(tinystories_valid)[:8]]
+    rows += [{"text": t, "label": "play"} for t in read_records(shakespeare)[:8]]
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "nu.json"
+    assert main(["score", "--model", str(stories_bin), "--method", "variability", "--calib", str(labelled),
+                 "--label-field", "label", "--n-calib", "16", "--max-length", "32", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["method"] == "variability" and len(data["scores"]) == 5
+    assert data["data"]["labels"] == {"n": 16, "classes": 2}
+    assert all(s > 0 for s in data["scores"])

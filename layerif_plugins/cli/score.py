@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="sample N/M examples with this seed instead of the first")
     p.add_argument("--max-length", type=int, default=128, help="truncate examples to T tokens")
     p.add_argument("--text-field", default="text", help="JSONL text field")
+    p.add_argument("--label-field", default=None,
+                   help="JSONL label field: --calib is then a labelled set (for --method variability)")
     p.add_argument("--params", default="attn", choices=["attn", "mlp", "all"],
                    help="parameter group per block (attn = q,k,v,o: the reference)")
     p.add_argument("--damping", type=float, default=0.1, help="λ_w = damping · mean ||g||² / numel")
@@ -88,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
         data.train = load_split(args.train, tok, args, args.n_train)
     if args.val:
         data.val = load_split(args.val, tok, args, args.n_val)
-    if args.calib:
+    if args.calib and args.label_field:
+        from layerif_plugins.labelled import load_labelled
+
+        labelled = load_labelled(args.calib, tok, max_length=args.max_length, n=args.n_calib, seed=args.seed,
+                                 text_field=args.text_field, label_field=args.label_field)
+        data.calib, data.labels = labelled.examples, list(labelled.labels)
+    elif args.calib:
         data.calib = load_split(args.calib, tok, args, args.n_calib)
     params: dict = {}
     if args.method == "layerif":
