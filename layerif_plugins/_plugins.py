@@ -3,8 +3,8 @@
 ``import layerif_plugins`` must be cheap (the CLI and the engine need neither llm-compressor
 nor PEFT, and each takes seconds to import), yet a YAML recipe naming
 ``LayerIFWandaPruningModifier`` or ``PeftModel.from_pretrained`` on a LoRA-MoE adapter must
-work in any import order. So: if the upstream library is already imported we register now;
-otherwise a post-import hook on ``sys.meta_path`` registers right after it finishes importing.
+work in any import order. :func:`when_imported` runs a callback on a module right after it
+is imported (or at once, if it already is), through one post-import hook on ``sys.meta_path``.
 """
 
 from __future__ import annotations
@@ -16,61 +16,66 @@ import logging
 import sys
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# upstream top-level module → our module whose import registers the integration
-INTEGRATIONS: dict[str, str] = {
-    "llmcompressor": "layerif_plugins.adapters.llmcompressor",
-    "peft": "layerif_plugins.adapters.peft_moe",
-}
+Callback = Callable[[ModuleType], None]
+_PENDING: dict[str, list[Callback]] = {}
 
 
-def _register(ours: str) -> None:
-    try:
-        importlib.import_module(ours)
-    except Exception as exc:  # an integration failing must never break the host library's import
-        logger.warning("could not register %s: %s", ours, exc)
+def _run(name: str, module: ModuleType, callbacks: list[Callback]) -> None:
+    for callback in callbacks:
+        try:
+            callback(module)
+        except Exception as exc:  # an integration failing must never break the host library's import
+            logger.warning("layerif_plugins: registering with %s failed: %s", name, exc)
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of watched top-level modules to run a callback after they execute."""
+    """Finds watched modules through the other finders and wraps their loader's ``exec_module``."""
 
-    def __init__(self, callbacks: dict[str, Callable[[], None]]):
-        self.callbacks = callbacks
-        self._busy: set[str] = set()
-
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - importlib protocol
-        if fullname not in self.callbacks or fullname in self._busy:
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _PENDING:
             return None
-        self._busy.add(fullname)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            self._busy.discard(fullname)
-        if spec is None or spec.loader is None:
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
             return None
-        loader, callback, callbacks = spec.loader, self.callbacks[fullname], self.callbacks
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
 
         class _Loader(importlib.abc.Loader):
-            def create_module(self, spec):  # noqa: ANN001
+            def create_module(self, spec: Any) -> Any:
                 return loader.create_module(spec)
 
             def exec_module(self, module: ModuleType) -> None:
                 loader.exec_module(module)
-                callbacks.pop(fullname, None)
-                callback()
+                _run(fullname, module, _PENDING.pop(fullname, []))
 
         spec.loader = _Loader()
         return spec
 
 
+def when_imported(name: str, callback: Callback) -> None:
+    """Call ``callback(module)`` once ``name`` is imported (now, if it already is)."""
+    if name in sys.modules:
+        _run(name, sys.modules[name], [callback])
+        return
+    _PENDING.setdefault(name, []).append(callback)
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+
+
 def install() -> None:
-    pending: dict[str, Callable[[], None]] = {}
-    for upstream, ours in INTEGRATIONS.items():
-        if upstream in sys.modules:
-            _register(ours)
-        elif importlib.util.find_spec(upstream) is not None:
-            pending[upstream] = lambda ours=ours: _register(ours)
-    if pending and not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportFinder(pending))
+    """Hook every integration whose upstream library is installed."""
+    if importlib.util.find_spec("llmcompressor") is not None:
+        # cheap: puts stand-ins into ModifierFactory when llm-compressor's factory module loads
+        importlib.import_module("layerif_plugins.adapters.llmcompressor")
+    if importlib.util.find_spec("peft") is not None:
+        when_imported("peft", lambda _m: importlib.import_module("layerif_plugins.adapters.peft_moe"))

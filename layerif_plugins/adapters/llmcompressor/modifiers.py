@@ -1,0 +1,323 @@
+"""LayerIF-aware Wanda and SparseGPT modifiers for llm-compressor.
+
+They are llm-compressor's own ``WandaPruningModifier`` / ``SparseGPTModifier`` with one
+change: the global ``sparsity`` becomes a per-decoder-layer list, computed at
+initialisation from a :class:`~layerif_plugins.scores.LayerScores` file (or, for the
+data-free and calibration-only baselines, from the model itself).
+
+Sample yaml::
+
+    pruning_stage:
+      sparsity_modifiers:
+        LayerIFWandaPruningModifier:
+          sparsity: 0.7                    # global target: parameter-weighted mean over the blocks
+          allocation: layerif              # layerif | owl | alpha_hill | uniform
+          scores: $LAYERIF_SCORES          # LayerScores JSON (env vars and ~ expanded)
+          epsilon: 0.1                     # relative spread [1-ε, 1+ε] (OWL's λ for allocation: owl)
+
+What happens in ``on_initialize`` (before any weight is touched):
+
+* ``targets`` defaults to the model's decoder-block class (``LlamaDecoderLayer``,
+  ``Qwen2DecoderLayer`` … from :func:`layerif_plugins.models.block_class_name`): a
+  per-layer list only lines up with block targets; ``re:.*lm_head`` is always ignored.
+* the scores file is read and checked against the model's fingerprint (a file for
+  another model is refused, naming the differing field); its method must equal
+  ``allocation``;
+* without a scores file, ``alpha_hill`` is computed from the weights and ``owl`` from
+  llm-compressor's calibration dataloader (one extra forward pass over it, as
+  llm-compressor's own OWL does); ``layerif`` needs a file (``layerif score``);
+* the per-layer list is :func:`~layerif_plugins.allocate.sparsity.sparsity_from_scores`
+  (METHOD.md §2b; OWL's mapping for ``owl``) with the block sizes as weights.
+
+N:M ``mask_structure`` ignores per-layer ratios upstream, so it is refused, as is
+``sparsity_profile="owl"`` (broken in llm-compressor 0.14.0.1: use ``allocation: owl``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from compressed_tensors.utils import match_named_modules, match_targets
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers.factory import ModifierFactory
+from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES, SparsityModifierBase
+from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+from pydantic import PrivateAttr, field_validator, model_validator
+
+from layerif_plugins.allocate.sparsity import check_target, sparsity_from_scores, weighted_mean
+from layerif_plugins.errors import AllocationError, ConfigError, ScoresError
+from layerif_plugins.models import block_class_name, blocks_prefix, decoder_blocks
+from layerif_plugins.scores import LayerScores
+
+logger = logging.getLogger(__name__)
+
+Allocation = Literal["layerif", "owl", "alpha_hill", "uniform"]
+ALLOCATIONS: tuple[str, ...] = ("layerif", "owl", "alpha_hill", "uniform")
+LM_HEAD_IGNORE = "re:.*lm_head"
+
+
+def resolve_scores_path(value: str) -> Path:
+    """Expand ``~`` and environment variables (``$LAYERIF_SCORES``) in a recipe's scores path."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    if "$" in expanded:
+        raise ConfigError(
+            f"scores path {value!r} names an environment variable that is not set; "
+            f"export it (e.g. LAYERIF_SCORES=path/to/scores.json) or write the path in the recipe"
+        )
+    return Path(expanded).resolve()
+
+
+def prunable_modules(
+    model: torch.nn.Module, targets: str | list[str], ignore: list[str]
+) -> list[tuple[int, str, torch.nn.Module]]:
+    """(layer index, full name, module) of every module llm-compressor will prune under block targets.
+
+    Mirrors ``SparsityModifierBase.on_calibration_start``: every Linear/Conv inside a
+    matched target layer, minus ``ignore``. Raises :class:`ConfigError` unless the
+    targets are exactly the decoder blocks, in order (the only layout a per-layer
+    list lines up with).
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    blocks = list(decoder_blocks(model))
+    matched = list(match_named_modules(model, targets))
+    if [id(m) for _, m in matched] != [id(b) for b in blocks]:
+        names = [n for n, _ in matched][:4]
+        raise ConfigError(
+            f"targets {targets} match {len(matched)} modules ({names}{' …' if len(matched) > 4 else ''}) but a "
+            f"per-layer sparsity list needs exactly the {len(blocks)} decoder blocks: use "
+            f"targets: [{block_class_name(model)}] (the default) or 're:{blocks_prefix(model)}\\.\\d+$'"
+        )
+    out = []
+    for layer, (layer_name, block) in enumerate(matched):
+        for name, module in match_named_modules(block, PRUNABLE_LAYER_TYPES):
+            full = f"{layer_name}.{name}"
+            if match_targets(full, module, ignore) or isinstance(module, torch.nn.Embedding):
+                continue
+            out.append((layer, full, module))
+    return out
+
+
+def params_per_layer(modules: Iterable[tuple[int, str, torch.nn.Module]], num_layers: int) -> list[int]:
+    counts = [0] * num_layers
+    for layer, _, module in modules:
+        counts[layer] += module.weight.numel()
+    return counts
+
+
+def _compute_alpha_hill(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
+    from layerif_plugins.scorers.alpha_hill import score_alpha_hill
+
+    return score_alpha_hill(model, show_progress=show_progress)
+
+
+def _compute_owl(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
+    from layerif_plugins.scorers.owl import owl_layer_scores
+
+    if dataloader is None or len(dataloader) == 0:
+        raise ConfigError(
+            "allocation 'owl' without a scores file computes outlier ratios from the calibration data, but "
+            "oneshot got none: pass dataset=…, or a scores file from `layerif score --method owl`"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        source = {"calib": {"source": "llm-compressor calibration dataloader", "batches": len(dataloader)}}
+        return owl_layer_scores(model, dataloader, show_progress=show_progress, data=source)
+    finally:
+        model.train(was_training)
+
+
+# baselines a modifier may compute itself when no scores file is given
+_SELF_SCORING = {"alpha_hill": _compute_alpha_hill, "owl": _compute_owl}
+
+
+class LayerIFSparsityModifierBase(SparsityModifierBase):
+    """Shared logic of the LayerIF Wanda / SparseGPT modifiers (see the module docstring).
+
+    :param sparsity: global target sparsity in (0, 1): the parameter-weighted mean over the blocks
+    :param allocation: ``layerif`` | ``owl`` | ``alpha_hill`` | ``uniform``
+    :param scores: LayerScores JSON path (``~`` and ``$VARS`` expanded); required for
+        ``layerif``, optional for ``owl`` / ``alpha_hill`` (computed when absent)
+    :param epsilon: relative spread: ratios in ``[1-ε, 1+ε]`` before rescaling (OWL's λ
+        for ``allocation: owl``; its paper uses 0.08)
+    """
+
+    allocation: Allocation = "layerif"
+    scores: str | None = None
+    epsilon: float = 0.1
+
+    _layer_sparsity: list[float] = PrivateAttr(default_factory=list)
+    _allocation_info: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _show_progress: bool = PrivateAttr(default=False)
+
+    @field_validator("sparsity", mode="after")
+    @classmethod
+    def validate_global_sparsity(cls, value: Any) -> float:
+        if isinstance(value, list | dict) or value is None:
+            raise AllocationError(
+                f"LayerIF modifiers take one global sparsity (the per-layer list is computed), got {value!r}"
+            )
+        return check_target(value)
+
+    @field_validator("epsilon", mode="after")
+    @classmethod
+    def validate_epsilon(cls, value: float) -> float:
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise AllocationError(f"epsilon must be in [0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def validate_layerif_options(self) -> LayerIFSparsityModifierBase:
+        if self.mask_structure != "0:0":
+            raise ConfigError(
+                f"mask_structure={self.mask_structure!r}: N:M masks give every layer the same N/M sparsity, so "
+                "per-layer ratios cannot apply; use the plain WandaPruningModifier/SparseGPTModifier for N:M"
+            )
+        if self.sparsity_profile is not None:
+            raise ConfigError(
+                f"sparsity_profile={self.sparsity_profile!r} is llm-compressor's own OWL (broken in 0.14.0.1); "
+                "use allocation: owl instead"
+            )
+        if self.allocation == "uniform" and self.scores is not None:
+            raise ConfigError("allocation 'uniform' uses no scores; remove `scores` or choose another allocation")
+        return self
+
+    # ----------------------------------------------------------------- results
+
+    @property
+    def layer_sparsity(self) -> list[float]:
+        """The per-decoder-layer sparsities computed at initialisation (layer 0 first)."""
+        return list(self._layer_sparsity)
+
+    def show_progress(self, enabled: bool = True) -> LayerIFSparsityModifierBase:
+        """Progress bars for the scores this modifier computes itself (OWL activations, ESD fits)."""
+        self._show_progress = enabled
+        return self
+
+    @property
+    def allocation_info(self) -> dict[str, Any]:
+        """Where the allocation came from: scores method/path/values, block sizes, timing."""
+        return dict(self._allocation_info)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        model = state.model
+        t0 = time.perf_counter()
+        if "targets" not in self.model_fields_set:
+            self.targets = [block_class_name(model)]
+        if not any(str(i).endswith("lm_head") for i in self.ignore):
+            self.ignore = [*self.ignore, LM_HEAD_IGNORE]
+        modules = prunable_modules(model, self.targets, self.ignore)
+        num_layers = len(decoder_blocks(model))
+        params = params_per_layer(modules, num_layers)
+        if any(p == 0 for p in params):
+            raise ConfigError(f"decoder layers {[i for i, p in enumerate(params) if p == 0]} have nothing to prune "
+                              f"after ignore={self.ignore}")
+        layer_scores = self._layer_scores(model, state.data.calib if state.data is not None else None)
+        if layer_scores is None:
+            sparsities = [float(self.sparsity)] * num_layers
+        else:
+            sparsities = sparsity_from_scores(layer_scores.scores, layer_scores.method, params,
+                                              float(self.sparsity), epsilon=self.epsilon)
+        self._layer_sparsity = sparsities
+        self._allocation_info = {
+            "allocation": self.allocation,
+            "epsilon": self.epsilon,
+            "target": float(self.sparsity),
+            "scores_path": self.scores,
+            "scores_method": layer_scores.method if layer_scores else "uniform",
+            "scores": layer_scores.scores if layer_scores else None,
+            "params_per_layer": params,
+            "layer_sparsity": sparsities,
+            "weighted_mean": weighted_mean(sparsities, params),
+            "seconds": time.perf_counter() - t0,
+        }
+        logger.info("%s allocation, target %.4f: per-layer sparsity %s", self.allocation, float(self.sparsity),
+                    [round(s, 4) for s in sparsities])
+        return super().on_initialize(state, **kwargs)
+
+    def _layer_scores(self, model: torch.nn.Module, dataloader: Any) -> LayerScores | None:
+        if self.allocation == "uniform":
+            return None
+        if self.scores is not None:
+            path = resolve_scores_path(self.scores)
+            scores = LayerScores.load(path)
+            scores.check_model(model)
+            if scores.method != self.allocation:
+                raise ScoresError(
+                    f"{path} holds {scores.method!r} scores but allocation is {self.allocation!r}; "
+                    f"set allocation: {scores.method} or use a {self.allocation!r} scores file"
+                )
+            self.scores = str(path)  # the saved recipe records the resolved file
+            return scores
+        if self.allocation not in _SELF_SCORING:
+            raise ConfigError(
+                f"allocation {self.allocation!r} needs a scores file: compute one with "
+                f"`layerif score --method {self.allocation} --model … --train … --val … --out scores.json` "
+                "and set scores: path/to/scores.json"
+            )
+        return _SELF_SCORING[self.allocation](model, dataloader, self._show_progress)
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        # Upstream reads a per-target list from `sparsity`; swap it in only while hooks are
+        # registered so the public field (and the saved recipe) keeps the global target.
+        target = self.sparsity
+        self.sparsity = list(self._layer_sparsity)
+        try:
+            super().on_calibration_start(state, event, **kwargs)
+        finally:
+            self.sparsity = target
+
+
+class LayerIFWandaPruningModifier(LayerIFSparsityModifierBase, WandaPruningModifier):
+    """Wanda with per-layer sparsity from LayerIF scores (or OWL / AlphaPruning / uniform).
+
+    Sample yaml::
+
+        pruning_stage:
+          sparsity_modifiers:
+            LayerIFWandaPruningModifier:
+              sparsity: 0.7
+              allocation: layerif
+              scores: $LAYERIF_SCORES
+              epsilon: 0.1
+
+    Wanda prunes ``int(columns · s)`` weights per row, so the measured sparsity of a
+    layer is the allocation rounded down to whole weights per row.
+    """
+
+
+class LayerIFSparseGPTModifier(LayerIFSparsityModifierBase, SparseGPTModifier):
+    """SparseGPT with per-layer sparsity from LayerIF scores (or OWL / AlphaPruning / uniform).
+
+    Sample yaml::
+
+        pruning_stage:
+          sparsity_modifiers:
+            LayerIFSparseGPTModifier:
+              sparsity: 0.7
+              allocation: layerif
+              scores: $LAYERIF_SCORES
+              epsilon: 0.1
+              block_size: 128
+              dampening_frac: 0.01
+    """
+
+
+MODIFIERS = {
+    "LayerIFWandaPruningModifier": LayerIFWandaPruningModifier,
+    "LayerIFSparseGPTModifier": LayerIFSparseGPTModifier,
+}
+
+# Importing this module is what makes the classes available to YAML recipes.
+for _name, _cls in MODIFIERS.items():
+    ModifierFactory.register(_name, _cls)
