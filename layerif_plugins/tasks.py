@@ -63,7 +63,10 @@ def build_tinystories_mc(
         raise DataError(f"tinystories-mc: need n >= 1 and n_choices >= 2, got n={n}, n_choices={n_choices}")
     if stories is None:
         stories = shared_data("tinystories", "valid.txt")
-    texts = [r for r in read_records(stories) if isinstance(r, str)] if isinstance(stories, (str, Path)) else list(stories)
+    if isinstance(stories, (str, Path)):
+        texts = [r for r in read_records(stories) if isinstance(r, str)]
+    else:
+        texts = list(stories)
     split = [split_sentences(t) for t in texts]
     ok = [min_words <= _n_words(s) <= max_words for sents in split for s in sents]
     # pool of candidate distractors: (story index, sentence), bucketed by word count
@@ -82,7 +85,8 @@ def build_tinystories_mc(
         if len(items) == n:
             break
         sents = split[i]
-        positions = [p for p in range(min_context_sentences, len(sents)) if min_words <= _n_words(sents[p]) <= max_words]
+        positions = [p for p in range(min_context_sentences, len(sents))
+                     if min_words <= _n_words(sents[p]) <= max_words]
         if not positions:
             continue
         p = rng.choice(positions)
