@@ -55,8 +55,9 @@ def read_records(path: str | Path, text_field: str = "text") -> list[str | list[
     return records
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str | list[int]]:
-    records: list[str | list[int]] = []
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line; bad JSON or a non-object names the line."""
+    path = Path(path)
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -67,18 +68,24 @@ def _read_jsonl(path: Path, text_field: str) -> list[str | list[int]]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if "input_ids" in obj:
-                ids = obj["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                    raise DataError(f"{path}:{lineno}: 'input_ids' must be a list of integers")
-                records.append(ids)
-            elif isinstance(obj.get(text_field), str):
-                records.append(obj[text_field])
-            else:
-                raise DataError(
-                    f"{path}:{lineno}: no {text_field!r} string and no 'input_ids' list "
-                    f"(keys: {sorted(obj)}); pass --text-field to name the text field"
-                )
+            yield lineno, obj
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str | list[int]]:
+    records: list[str | list[int]] = []
+    for lineno, obj in iter_jsonl_objects(path):
+        if "input_ids" in obj:
+            ids = obj["input_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise DataError(f"{path}:{lineno}: 'input_ids' must be a list of integers")
+            records.append(ids)
+        elif isinstance(obj.get(text_field), str):
+            records.append(obj[text_field])
+        else:
+            raise DataError(
+                f"{path}:{lineno}: no {text_field!r} string and no 'input_ids' list "
+                f"(keys: {sorted(obj)}); pass --text-field to name the text field"
+            )
     if not records:
         raise DataError(f"{path} holds no examples")
     return records

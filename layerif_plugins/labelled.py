@@ -8,12 +8,11 @@ reported with its line number.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerif_plugins.data import Examples, select
+from layerif_plugins.data import Examples, iter_jsonl_objects, select
 from layerif_plugins.errors import DataError
 
 
@@ -36,32 +35,23 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
         raise DataError(f"labelled data file not found: {path}")
     rows: list[tuple[str, Any]] = []
     kind: type | None = None
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            text = obj.get(text_field)
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}:{lineno}: no non-empty {text_field!r} string (keys: {sorted(obj)}); "
-                                "pass --text-field to name the text field")
-            if label_field not in obj:
-                raise DataError(f"{path}:{lineno}: no {label_field!r} field (keys: {sorted(obj)}); "
-                                "pass --label-field to name the label field")
-            label = obj[label_field]
-            if isinstance(label, bool) or not isinstance(label, (str, int)):
-                raise DataError(f"{path}:{lineno}: label {label!r} must be a string or an integer")
-            if kind is None:
-                kind = type(label)
-            elif type(label) is not kind:
-                raise DataError(f"{path}:{lineno}: label {label!r} is a {type(label).__name__} but earlier labels "
-                                f"are {kind.__name__}s; use one kind of label per file")
-            rows.append((text, label))
+    for lineno, obj in iter_jsonl_objects(path):
+        text = obj.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{lineno}: no non-empty {text_field!r} string (keys: {sorted(obj)}); "
+                            "pass --text-field to name the text field")
+        if label_field not in obj:
+            raise DataError(f"{path}:{lineno}: no {label_field!r} field (keys: {sorted(obj)}); "
+                            "pass --label-field to name the label field")
+        label = obj[label_field]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{path}:{lineno}: label {label!r} must be a string or an integer")
+        if kind is None:
+            kind = type(label)
+        elif type(label) is not kind:
+            raise DataError(f"{path}:{lineno}: label {label!r} is a {type(label).__name__} but earlier labels "
+                            f"are {kind.__name__}s; use one kind of label per file")
+        rows.append((text, label))
     if not rows:
         raise DataError(f"{path} holds no labelled examples")
     return rows

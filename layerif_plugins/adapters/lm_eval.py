@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from layerif_plugins.data import read_records
+from layerif_plugins.data import iter_jsonl_objects, read_records
 from layerif_plugins.errors import ConfigError, DataError, ModelError
 from layerif_plugins.io import atomic_write_json, atomic_write_text
 from layerif_plugins.paths import shared_data
@@ -139,19 +139,10 @@ def read_mc_items(
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
     items: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            items.append(_mc_item(obj, names, f"{path}:{lineno}"))
-            if max_docs and len(items) == max_docs:
-                break
+    for lineno, obj in iter_jsonl_objects(path):
+        items.append(_mc_item(obj, names, f"{path}:{lineno}"))
+        if max_docs and len(items) == max_docs:
+            break
     if not items:
         raise DataError(f"{path} holds no multiple-choice items (empty file)")
     return items
