@@ -1,0 +1,109 @@
+"""LoRA-MoE for PEFT: a mixture of LoRA experts whose number of experts (and top-k) varies per layer.
+
+Importing this package registers the method with PEFT, so ``get_peft_model(model,
+LoraMoeConfig(...))``, ``save_pretrained`` and ``PeftModel.from_pretrained(model, dir)`` work
+like for any built-in tuner::
+
+    import layerif_plugins.adapters.peft_moe  # noqa: F401  (or: import layerif_plugins)
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(base, "out/moe-adapter")
+
+Registration. PEFT's ``register_peft_method`` refuses names outside its closed ``PeftType``
+enum, so the three lookup tables it fills are filled directly, under the plain string
+``"LAYERIF_LORA_MOE"`` (PEFT compares ``peft_type`` by value; ``PeftType`` is a ``str``
+enum). Supported: ``peft>=0.21,<0.22`` (checked on import; other versions get a warning).
+
+Loading an adapter without this import fails inside PEFT with ``KeyError:
+'LAYERIF_LORA_MOE'`` (PEFT looks the type up before any plugin code can run); the key
+names the plugin. :func:`load_lora_moe` and :func:`check_adapter_dir` give the full message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import peft
+from packaging.version import Version
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+from layerif_plugins.adapters.peft_moe.config import LLAMA_PROJECTIONS, LORA_MOE_PEFT_TYPE, LoraMoeConfig
+from layerif_plugins.adapters.peft_moe.layer import Linear, LoraMoeLayer, LoraMoeMergeError, load_balancing_loss
+from layerif_plugins.adapters.peft_moe.model import LoraMoeModel
+from layerif_plugins.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_PEFT = (Version("0.21"), Version("0.22"))
+IMPORT_HINT = (
+    "this is a LoRA-MoE adapter from layerif-plugins: run `import layerif_plugins` (or "
+    "`import layerif_plugins.adapters.peft_moe`) before `PeftModel.from_pretrained`"
+)
+
+__all__ = [
+    "LLAMA_PROJECTIONS",
+    "LORA_MOE_PEFT_TYPE",
+    "Linear",
+    "LoraMoeConfig",
+    "LoraMoeLayer",
+    "LoraMoeMergeError",
+    "LoraMoeModel",
+    "check_adapter_dir",
+    "is_registered",
+    "load_balancing_loss",
+    "load_lora_moe",
+    "register",
+]
+
+
+def register() -> None:
+    """Make the method known to PEFT (idempotent; done on import)."""
+    version = Version(peft.__version__)
+    if not SUPPORTED_PEFT[0] <= version < SUPPORTED_PEFT[1]:
+        warnings.warn(
+            f"layerif_plugins' LoRA-MoE is tested with peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]}; "
+            f"found {peft.__version__}. It registers through PEFT's lookup tables, which may change.",
+            stacklevel=2,
+        )
+    PEFT_TYPE_TO_CONFIG_MAPPING[LORA_MOE_PEFT_TYPE] = LoraMoeConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[LORA_MOE_PEFT_TYPE] = LoraMoeModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[LORA_MOE_PEFT_TYPE] = LoraMoeModel.prefix
+
+
+def is_registered() -> bool:
+    return PEFT_TYPE_TO_TUNER_MAPPING.get(LORA_MOE_PEFT_TYPE) is LoraMoeModel
+
+
+def check_adapter_dir(path: str | Path) -> dict[str, Any]:
+    """Read ``adapter_config.json`` of ``path``; raise :class:`ConfigError` when it cannot be loaded here.
+
+    Says what to import when the adapter is LoRA-MoE and the plugin is not registered, and
+    names the type when the directory holds another PEFT method.
+    """
+    cfg_path = Path(path) / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({exc.msg})") from exc
+    peft_type = cfg.get("peft_type")
+    if peft_type != LORA_MOE_PEFT_TYPE:
+        raise ConfigError(f"{path} holds a {peft_type!r} adapter, not LoRA-MoE ({LORA_MOE_PEFT_TYPE!r})")
+    if not is_registered():
+        raise ConfigError(f"{path}: {IMPORT_HINT}")
+    return cfg
+
+
+def load_lora_moe(model: Any, path: str | Path, is_trainable: bool = False, **kwargs: Any) -> Any:
+    """``PeftModel.from_pretrained`` for a LoRA-MoE adapter, with clear errors first."""
+    from peft import PeftModel
+
+    check_adapter_dir(path)
+    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable, **kwargs)
+
+
+register()

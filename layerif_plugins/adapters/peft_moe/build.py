@@ -1,0 +1,132 @@
+"""From a model (+ scores) to a LoRA-MoE PeftModel and a saved adapter directory.
+
+The glue between :mod:`layerif_plugins.allocate.experts` (numbers) and the PEFT tuner:
+pick a layout, refuse scores computed for another model, build the config with one
+pattern key per decoder layer, wrap the model, and save adapter + ``layout.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from layerif_plugins.adapters.peft_moe.config import LoraMoeConfig
+from layerif_plugins.allocate.experts import LAYOUTS, ExpertLayout, expert_layout
+from layerif_plugins.errors import ConfigError
+from layerif_plugins.io import atomic_dir, atomic_write_json
+from layerif_plugins.models import blocks_prefix, fingerprint, num_layers
+from layerif_plugins.scores import LayerScores
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_FILE = "layout.json"
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Decoder-layer names as PEFT sees them in the base model (``model.layers.0`` …)."""
+    prefix = blocks_prefix(model)
+    return [f"{prefix}.{i}" for i in range(num_layers(model))]
+
+
+def moe_layout(
+    model: nn.Module,
+    layout: str,
+    budget: int,
+    scores: LayerScores | None = None,
+    beta: float = 2.5,
+    max_top_k: int = 2,
+) -> ExpertLayout:
+    """The per-layer expert counts / top-k of ``layout`` for ``model`` (scores are checked against it)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    source: dict[str, Any] = {}
+    values = None
+    if scores is not None:
+        scores.check_model(model)
+        values = scores.scores
+        source = {"scores_method": scores.method, "scores_params": scores.params, "scores_data": scores.data}
+    elif layout in ("layerif", "alphalora"):
+        raise ConfigError(
+            f"layout {layout!r} needs layer scores: pass a LayerScores file (`layerif score --method "
+            f"{'layerif' if layout == 'layerif' else 'alpha_hill'}`)"
+        )
+    return expert_layout(layout, num_layers(model), budget, scores=values, beta=beta, max_top_k=max_top_k,
+                         source=source)
+
+
+def moe_config(model: nn.Module, layout: ExpertLayout, **config_kwargs: Any) -> LoraMoeConfig:
+    """A :class:`LoraMoeConfig` giving decoder layer ``i`` ``layout.experts[i]`` experts and ``layout.top_k[i]``."""
+    names = layer_names(model)
+    if len(names) != len(layout.experts):
+        raise ConfigError(f"layout has {len(layout.experts)} layers but the model has {len(names)}")
+    meta = {**layout.to_dict(), "model": fingerprint(model).to_dict()}
+    return LoraMoeConfig.from_layout(layout.experts, layout.top_k, names, layout=meta, **config_kwargs)
+
+
+def get_moe_model(model: nn.Module, layout: ExpertLayout, **config_kwargs: Any) -> Any:
+    """``get_peft_model(model, moe_config(model, layout, ...))`` — the model is modified in place."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, moe_config(model, layout, **config_kwargs))
+
+
+def built_layout(peft_model: Any, adapter_name: str = "default") -> tuple[list[int], list[int]]:
+    """``(experts, top_k)`` per decoder layer as actually built (read back from the routers)."""
+    base = peft_model.get_base_model()
+    names = layer_names(base)
+    table = peft_model.base_model.layer_layout(adapter_name)
+    experts, top_k = [], []
+    for name in names:
+        rows = [v for k, v in table.items() if k.startswith(f"{name}.")]
+        if not rows:
+            raise ConfigError(f"decoder layer {name} has no LoRA-MoE module")
+        ns = {r["router_out_features"] for r in rows}
+        ks = {r["top_k"] for r in rows}
+        if len(ns) != 1 or len(ks) != 1:
+            raise ConfigError(f"decoder layer {name} has modules with different expert counts {ns} / top-k {ks}")
+        experts.append(ns.pop())
+        top_k.append(ks.pop())
+    return experts, top_k
+
+
+def save_moe_adapter(
+    peft_model: Any, layout: ExpertLayout, out: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """Save the adapter (``adapter_config.json`` + weights) and ``layout.json`` into ``out``, atomically."""
+    out = Path(out)
+    experts, top_k = built_layout(peft_model)
+    if experts != list(layout.experts) or top_k != list(layout.top_k):
+        raise ConfigError(f"built layout {experts}/{top_k} differs from the requested {layout.experts}/{layout.top_k}")
+    record = {
+        "experts": list(layout.experts),
+        "top_k": list(layout.top_k),
+        "layout": layout.method,
+        "budget": layout.budget,
+        "scores": layout.params.get("scores"),
+        "scores_method": layout.params.get("scores_method"),
+        "params": layout.params,
+        "model": fingerprint(peft_model.get_base_model()).to_dict(),
+        **(extra or {}),
+    }
+    with atomic_dir(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        atomic_write_json(tmp / LAYOUT_FILE, record)
+        append_load_note(tmp / "README.md")
+    return out
+
+
+def append_load_note(readme: Path) -> None:
+    """Add a "how to load" section to the adapter's README (PEFT writes the model card)."""
+    note = (
+        "\n## Loading this LoRA-MoE adapter\n\n"
+        "It was made with layerif-plugins. Import the plugin before PEFT loads it:\n\n"
+        "```python\nimport layerif_plugins.adapters.peft_moe  # registers LAYERIF_LORA_MOE with PEFT\n"
+        "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, ADAPTER_DIR)\n```\n\n"
+        "Without it PEFT stops with `KeyError: 'LAYERIF_LORA_MOE'`. The adapter cannot be merged into the "
+        "base weights (routed experts); `layout.json` lists the experts and top-k per layer.\n"
+    )
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    readme.write_text(text + note, encoding="utf-8")

@@ -1,0 +1,95 @@
+"""``layerif moe``: per-layer LoRA expert counts from layer scores → an initialised PEFT LoRA-MoE adapter.
+
+Writes ``--out`` atomically: ``adapter_config.json`` + ``adapter_model.safetensors`` (load
+with ``PeftModel.from_pretrained`` after ``import layerif_plugins``) and ``layout.json``
+(``experts`` and ``top_k`` per layer, layer 0 first, and the scores/method behind them).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from layerif_plugins.allocate.experts import LAYOUTS
+from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_split
+from layerif_plugins.errors import ConfigError
+from layerif_plugins.io import check_parent
+from layerif_plugins.report import markdown_table
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("moe", help="layer scores → per-layer LoRA experts → initialised PEFT LoRA-MoE adapter")
+    add_model_args(p)
+    p.add_argument("--scores", help="LayerScores JSON (from `layerif score`); needed by --layout layerif")
+    p.add_argument("--budget", type=int, required=True, help="total number of experts T over all layers (>= layers)")
+    p.add_argument("--beta", type=float, default=2.5, help="exponent β of the score → experts mapping")
+    p.add_argument("--layout", default="layerif", choices=LAYOUTS,
+                   help="layerif (METHOD §2a), alphalora (alpha_hill scores, AlphaLoRA rounding), MoLA, uniform")
+    p.add_argument("--max-top-k", type=int, default=2, help="router top-k of layers with more than one expert")
+    p.add_argument("--r", type=int, default=8, help="rank of every LoRA expert")
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names to adapt")
+    p.add_argument("--router-aux-loss-coef", type=float, default=0.001)
+    p.add_argument("--router-jitter", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter's initial weights")
+    p.add_argument("--train", help="with --layout layerif and no --scores: task train data to score on")
+    p.add_argument("--val", help="with --layout layerif and no --scores: task validation data")
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--text-field", default="text")
+    add_progress_args(p)
+    p.add_argument("--out", required=True, help="adapter directory to write (replaced atomically)")
+    p.set_defaults(func=run)
+
+
+def _scores(args: argparse.Namespace, model, tok):
+    from layerif_plugins.scores import LayerScores
+
+    if args.scores:
+        return LayerScores.load(args.scores), args.scores
+    if args.layout == "alphalora":
+        from layerif_plugins.scorers import SCORERS, score_layers
+
+        if "alpha_hill" not in SCORERS:
+            raise ConfigError("the alpha_hill scorer is not available; pass --scores from another method")
+        return score_layers(model, "alpha_hill"), "alpha_hill (computed)"
+    if args.layout == "layerif":
+        if not (args.train and args.val):
+            raise ConfigError("--layout layerif needs --scores FILE (from `layerif score`), or --train and --val")
+        from layerif_plugins.data import pad_id_of
+        from layerif_plugins.engine import InfluenceConfig
+        from layerif_plugins.scorers import ScoringData, score_layers
+
+        data = ScoringData(train=load_split(args.train, tok, args, args.n_train),
+                           val=load_split(args.val, tok, args, args.n_val), pad_id=pad_id_of(tok))
+        return score_layers(model, "layerif", data, config=InfluenceConfig(show_progress=not args.quiet)), \
+            "layerif (computed)"
+    return None, None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from layerif_plugins.adapters.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
+
+    check_parent(args.out)
+    model, tok = load_model(args)
+    scores, source = _scores(args, model, tok)
+    layout = moe_layout(model, args.layout, args.budget, scores=scores, beta=args.beta, max_top_k=args.max_top_k)
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    torch.manual_seed(args.seed)
+    peft_model = get_moe_model(
+        model, layout, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+        router_aux_loss_coef=args.router_aux_loss_coef, router_jitter=args.router_jitter,
+    )
+    save_moe_adapter(peft_model, layout, args.out, extra={"scores_file": source, "seed": args.seed})
+    rows = [[i, n, k, f"{scores.scores[i]:.6g}" if scores else "-"]
+            for i, (n, k) in enumerate(zip(layout.experts, layout.top_k, strict=True))]
+    print(markdown_table(["layer", "experts", "top_k", "score"], rows))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    print(f"layout {args.layout}: {sum(layout.experts)} experts, {trainable:,} trainable parameters")
+    print(f"wrote {args.out} (load with `import layerif_plugins` + PeftModel.from_pretrained)")
+    return 0
