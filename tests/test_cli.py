@@ -57,3 +57,15 @@ def test_score_variability_from_labelled_jsonl(tmp_path, stories_bin, tinystorie
     assert data["method"] == "variability" and len(data["scores"]) == 5
     assert data["data"]["labels"] == {"n": 16, "classes": 2}
     assert all(s > 0 for s in data["scores"])
+
+
+def test_top_level_help_lists_every_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("convert", "score", "show", "demo", "prune", "moe", "finetune", "drop", "heal",
+                    "select-layers", "eval", "vllm-check"):
+        assert command in out

@@ -47,7 +47,9 @@ ALLOCATIONS = ("uniform", "owl", "layerif")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="stories260K: LayerIF scores → Wanda 70% (uniform/OWL/LayerIF) → lm-eval → report")
+    p = sub.add_parser(
+        "demo", help="stories260K: LayerIF scores → Wanda 30/50/70%% (uniform/OWL/LayerIF) → lm-eval → report"
+    )
     p.add_argument("--model", default=None, help="llama2.c .bin or HF dir (default: ../shared stories260K)")
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--n-train", type=int, default=128)
