@@ -37,6 +37,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from layerif_plugins.allocate.sparsity import default_epsilon  # noqa: E402
 from layerif_plugins.data import load_examples, pad_id_of  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
 from layerif_plugins.evaluate import perplexity  # noqa: E402
@@ -46,8 +47,8 @@ from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E
 from layerif_plugins.report import markdown_table  # noqa: E402
 from layerif_plugins.scorers import ScoringData, score_layers  # noqa: E402
 
-ALLOCATIONS = {"uniform": ("uniform", 0.1), "owl": ("OWL", 0.08), "alpha_hill": ("AlphaPruning", 0.2),
-               "layerif": ("LayerIF", 0.1)}
+ALLOCATIONS = {name: (label, default_epsilon(name)) for name, label in
+               (("uniform", "uniform"), ("owl", "OWL"), ("alpha_hill", "AlphaPruning"), ("layerif", "LayerIF"))}
 
 
 def parse_args() -> argparse.Namespace:

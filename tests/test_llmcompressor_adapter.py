@@ -332,3 +332,12 @@ def test_import_is_lazy_and_yaml_resolves_in_fresh_process():
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-5:] == ["layerif_plugins.adapters.llmcompressor.modifiers",
                                       "LayerIFSparseGPTModifier", "alpha_hill", "0.7", "0.2"]
+
+
+def test_epsilon_defaults_to_each_references_spread():
+    from layerif_plugins.adapters.llmcompressor import LayerIFSparseGPTModifier, LayerIFWandaPruningModifier
+
+    assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="owl").epsilon == 0.08
+    assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="alpha_hill").epsilon == 0.2
+    assert LayerIFSparseGPTModifier(sparsity=0.5, allocation="layerif", scores="x.json").epsilon == 0.1
+    assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="owl", epsilon=0.05).epsilon == 0.05

@@ -27,8 +27,16 @@ from layerif_plugins.errors import AllocationError
 logger = logging.getLogger(__name__)
 
 MAX_SPARSITY = 0.99
+# the spread each reference uses: LayerIF's Wanda/SparseGPT scripts ε = 0.1, OWL's λ = 0.08,
+# AlphaPruning's ε = 0.2 (METHOD.md §2b, §3); uniform has none
+REFERENCE_EPSILON = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "uniform": 0.0}
 # scorers whose score means "protect this layer" (more score → less sparsity)
 INVERSE_METHODS = frozenset({"owl"})
+
+
+def default_epsilon(method: str) -> float:
+    """The reference spread (ε, or OWL's λ) of an allocation method; 0.1 for methods without one."""
+    return REFERENCE_EPSILON.get(method, 0.1)
 
 
 def check_target(target: float, max_sparsity: float = MAX_SPARSITY) -> float:
@@ -204,6 +212,8 @@ def sparsity_from_scores(
 __all__ = [
     "INVERSE_METHODS",
     "MAX_SPARSITY",
+    "REFERENCE_EPSILON",
+    "default_epsilon",
     "check_target",
     "layerwise_sparsity",
     "owl_sparsity",

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from layerif_plugins.allocate.sparsity import default_epsilon
 from layerif_plugins.data import EOT_SEPARATOR, load_examples, pad_id_of, read_records
 from layerif_plugins.engine import InfluenceConfig
 from layerif_plugins.errors import ConfigError, LayerIFError
@@ -46,6 +47,10 @@ from layerif_plugins.scorers import ScoringData, score_layers
 ALLOCATIONS = ("uniform", "owl", "layerif")
 
 
+def _spread(args: argparse.Namespace, allocation: str) -> float:
+    return args.epsilon if args.epsilon is not None else default_epsilon(allocation)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="stories260K: LayerIF scores → Wanda 30/50/70%% (uniform/OWL/LayerIF) → lm-eval → report"
@@ -57,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--params", default="attn", choices=["attn", "mlp", "all"])
     p.add_argument("--sparsity", default="0.3,0.5,0.7", help="global Wanda sparsities, comma-separated")
-    p.add_argument("--epsilon", type=float, default=0.1, help="LayerIF ε / OWL λ: per-layer spread")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="per-layer spread for every allocation (default: each reference's, LayerIF ε 0.1, OWL λ 0.08)")
     p.add_argument("--n-calib", type=int, default=128, help="Wanda / OWL calibration examples (TinyStories train)")
     p.add_argument("--n-eval-docs", type=int, default=50, help="held-out documents per perplexity task")
     p.add_argument("--n-mc", type=int, default=200, help="items of the TinyStories multiple-choice task")
@@ -316,8 +322,9 @@ def _write_report(out: Path, model_path: Path, hf_dir: Path, model: Any, args: a
             "",
             f"llm-compressor `oneshot` with Wanda, {args.n_calib} TinyStories calibration examples; each target is "
             "the parameter-weighted mean sparsity of the decoder blocks (embeddings and lm_head stay dense). "
-            f"OWL: outlier ratios (M = 5, λ = {args.epsilon}); LayerIF: the TinyStories scores above mapped into "
-            f"[1−ε, 1+ε]·target, ε = {args.epsilon}. Sparsity 0% is the dense model. Best per column in bold. "
+            f"OWL: outlier ratios (M = 5, λ = {_spread(args, 'owl')}); LayerIF: the TinyStories scores above "
+            f"mapped into [1−ε, 1+ε]·target, ε = {_spread(args, 'layerif')}. Sparsity 0% is the dense model. "
+            "Best per column in bold. "
             "Wanda zeroes int(columns × s) weights per row, so the measured sparsity (section 3) can fall a little "
             "below the target, by different amounts for different allocations: compare with it.",
             "",

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="per-layer ratios: layerif (needs --scores), owl (from --calib), alpha_hill (from the "
                         "weights), uniform")
     p.add_argument("--scores", default=None, help="LayerScores JSON of this model (method = --allocation)")
-    p.add_argument("--epsilon", type=float, default=0.1,
-                   help="relative spread: ratios in [1-eps, 1+eps] before rescaling (OWL's lambda for owl)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="relative spread: ratios in [1-eps, 1+eps] before rescaling (OWL's lambda for owl); "
+                        "default: the reference's (layerif 0.1, owl 0.08, alpha_hill 0.2)")
     p.add_argument("--calib", required=True, help="calibration data (.txt / .jsonl)")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples (the first N)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration example")

@@ -13,7 +13,7 @@ Sample yaml::
           sparsity: 0.7                    # global target: parameter-weighted mean over the blocks
           allocation: layerif              # layerif | owl | alpha_hill | uniform
           scores: $LAYERIF_SCORES          # LayerScores JSON (env vars and ~ expanded)
-          epsilon: 0.1                     # relative spread [1-ε, 1+ε] (OWL's λ for allocation: owl)
+          epsilon: 0.1                     # spread [1-ε, 1+ε] (OWL's λ for owl); default: the reference's
 
 What happens in ``on_initialize`` (before any weight is touched):
 
@@ -52,7 +52,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from layerif_plugins.allocate.sparsity import check_target, sparsity_from_scores, weighted_mean
+from layerif_plugins.allocate.sparsity import check_target, default_epsilon, sparsity_from_scores, weighted_mean
 from layerif_plugins.errors import AllocationError, ConfigError, ScoresError
 from layerif_plugins.models import block_class_name, blocks_prefix, decoder_blocks
 from layerif_plugins.scores import LayerScores
@@ -147,12 +147,13 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
     :param scores: LayerScores JSON path (``~`` and ``$VARS`` expanded); required for
         ``layerif``, optional for ``owl`` / ``alpha_hill`` (computed when absent)
     :param epsilon: relative spread: ratios in ``[1-ε, 1+ε]`` before rescaling (OWL's λ
-        for ``allocation: owl``; its paper uses 0.08)
+        for ``allocation: owl``); default: the reference's value for the allocation
+        (layerif 0.1, owl 0.08, alpha_hill 0.2)
     """
 
     allocation: Allocation = "layerif"
     scores: str | None = None
-    epsilon: float = 0.1
+    epsilon: float | None = None
 
     _layer_sparsity: list[float] = PrivateAttr(default_factory=list)
     _allocation_info: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -169,8 +170,8 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
 
     @field_validator("epsilon", mode="after")
     @classmethod
-    def validate_epsilon(cls, value: float) -> float:
-        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    def validate_epsilon(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or not 0.0 <= value <= 1.0):
             raise AllocationError(f"epsilon must be in [0, 1], got {value}")
         return value
 
@@ -188,6 +189,8 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
             )
         if self.allocation == "uniform" and self.scores is not None:
             raise ConfigError("allocation 'uniform' uses no scores; remove `scores` or choose another allocation")
+        if self.epsilon is None:
+            self.epsilon = default_epsilon(self.allocation)
         return self
 
     # ----------------------------------------------------------------- results

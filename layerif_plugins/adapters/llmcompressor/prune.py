@@ -115,7 +115,7 @@ def prune_model(
     sparsity: float = 0.5,
     allocation: str = "layerif",
     scores: str | Path | None = None,
-    epsilon: float = 0.1,
+    epsilon: float | None = None,
     calib: str | Path,
     n_calib: int = 128,
     max_length: int = 128,
@@ -132,7 +132,8 @@ def prune_model(
         allocation: ``layerif`` (needs ``scores``) | ``owl`` | ``alpha_hill`` | ``uniform``;
             ``owl`` / ``alpha_hill`` are computed (from ``calib`` / the weights) when ``scores`` is None.
         scores: LayerScores JSON computed on this model (its method must equal ``allocation``).
-        epsilon: relative spread ``[1-ε, 1+ε]`` (OWL's λ for ``owl``).
+        epsilon: relative spread ``[1-ε, 1+ε]`` (OWL's λ for ``owl``); None: the reference's value
+            for the allocation (layerif 0.1, owl 0.08, alpha_hill 0.2).
         calib: calibration text file (.txt / .jsonl), its first ``n_calib`` examples, ``max_length`` tokens each.
         show_progress: progress bars of the scores computed here (OWL activations, ESD fits);
             llm-compressor's own bars and logs follow its settings (``LLM_COMPRESSOR_LOG_LEVEL``).
