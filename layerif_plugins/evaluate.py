@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerif_plugins.data import read_records, select
+from layerif_plugins.data import IGNORE_INDEX, Examples, batches, read_records, select
 from layerif_plugins.errors import DataError
 
 
@@ -134,3 +134,26 @@ def perplexity(
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     return PerplexityResult(nll=total, tokens=n_tokens, words=words, bytes=n_bytes, docs=len(docs))
+
+
+@torch.no_grad()
+def mean_token_loss(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 16) -> tuple[float, int]:
+    """Token-weighted mean next-token cross-entropy (nats/token, padding excluded) and the token count.
+
+    The held-out metric of fine-tuning and healing runs (examples as given, no rolling windows).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches(examples, batch_size, pad_id):
+        b = batch.to(device)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()
+        target = b.labels[:, 1:]
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((target != IGNORE_INDEX).sum())
+    model.train(was_training)
+    if count == 0:
+        raise DataError("the examples hold no predictable tokens")
+    return total / count, count

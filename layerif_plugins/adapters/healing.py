@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerif_plugins.data import Examples, batches, collate
+from layerif_plugins.data import Examples, collate
 from layerif_plugins.errors import ConfigError, DataError
+from layerif_plugins.evaluate import mean_token_loss
 from layerif_plugins.models import block_linears
 
 logger = logging.getLogger(__name__)
@@ -89,21 +90,7 @@ def _peft() -> Any:
 
 def mean_loss(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 8) -> float:
     """Token-weighted mean causal-LM loss (nats/token, padding excluded) of ``model`` on ``examples``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in batches(examples, batch_size, pad_id):
-            logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                           use_cache=False).logits.float()
-            target = b.labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                    target.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((target != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    return mean_token_loss(model, examples, pad_id, batch_size)[0]
 
 
 def heal(

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from layerif_plugins.data import Examples, batches, collate
+from layerif_plugins.data import Examples, collate
 from layerif_plugins.errors import ConfigError, DataError
+from layerif_plugins.evaluate import mean_token_loss
 
 logger = logging.getLogger(__name__)
 
@@ -125,24 +126,7 @@ def train_adapter(
     return metrics
 
 
-@torch.no_grad()
 def heldout_loss(model: Any, examples: Examples, pad_id: int, batch_size: int = 16) -> dict[str, float]:
     """Mean token cross-entropy over ``examples`` (padding excluded) and its exponential (perplexity)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches(examples, batch_size, pad_id):
-        b = batch.to(device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
-        target = b.labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += float(nll)
-        count += int((target != -100).sum())
-    model.train(was_training)
-    if count == 0:
-        raise DataError("held-out examples hold no predictable tokens")
-    loss = total / count
+    loss, count = mean_token_loss(model, examples, pad_id, batch_size)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
