@@ -33,15 +33,6 @@ N_CALIB, MAX_LEN = 16, 64
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def layerif_scores(stories_dir, tinystories_train, tinystories_valid, tmp_path_factory) -> Path:
     model, tok = load_model_and_tokenizer(stories_dir)

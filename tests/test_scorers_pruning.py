@@ -18,16 +18,6 @@ from layerif_plugins.models import block_linears
 from layerif_plugins.scorers import SCORERS, ScoringData, score_layers
 from layerif_plugins.scorers.alpha_hill import esd, hill_fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- alpha_hill
 
 def slow_reference_alpha(eigs: torch.Tensor, bins: int = 100) -> tuple[float, float]:
