@@ -27,12 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from layerif_plugins.adapters.healing import HealConfig, heal  # noqa: E402
-from layerif_plugins.adapters.layer_drop import drop_layers  # noqa: E402
 from layerif_plugins.allocate.layers import last_layers, layers_to_drop  # noqa: E402
 from layerif_plugins.data import load_examples, pad_id_of  # noqa: E402
+from layerif_plugins.depth.drop import drop_layers  # noqa: E402
+from layerif_plugins.depth.heal import HealConfig, heal  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
-from layerif_plugins.evaluate import perplexity  # noqa: E402
+from layerif_plugins.evaluation.perplexity import perplexity  # noqa: E402
 from layerif_plugins.io import atomic_write_text  # noqa: E402
 from layerif_plugins.models import load_model_and_tokenizer  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/quality_depth.py{' --quick' if args.quick else ''}` "
         f"({elapsed:.0f} s, {args.threads} torch thread(s), CPU).",
         "",
-        f"Perplexity: token-level, `layerif_plugins.evaluate.perplexity` on the first {args.max_docs} documents of "
+        f"Perplexity: token-level, `layerif_plugins.evaluation.perplexity.perplexity` on the first {args.max_docs} "
+        f"documents of "
         f"TinyStories valid. Healing: LoRA r={heal_cfg.r}, alpha={heal_cfg.lora_alpha} on the MLP linears, "
         f"{heal_cfg.steps} AdamW steps, lr {heal_cfg.lr}, batch {heal_cfg.batch_size} × ≤{args.max_length} tokens "
         f"from {len(heal_data)} TinyStories train examples, merged; identical for every row.",

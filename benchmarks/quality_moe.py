@@ -1,7 +1,7 @@
 """Quality of per-layer LoRA-expert layouts at an equal total expert budget.
 
 stories260K (trained on TinyStories) is adapted to Shakespeare, a text it never saw, with
-the LoRA-MoE PEFT tuner (:mod:`layerif_plugins.adapters.peft_moe`). Every layout gets the
+the LoRA-MoE PEFT tuner (:mod:`layerif_plugins.integrations.peft_moe`). Every layout gets the
 same budget ``T`` of experts over the 5 layers, the same rank, steps, learning rate, batch
 order and seeds; only where the experts sit differs:
 
@@ -39,15 +39,15 @@ from tqdm import tqdm  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from layerif_plugins.adapters.peft_moe.build import built_layout, get_moe_model, moe_layout  # noqa: E402
-from layerif_plugins.adapters.peft_moe.train import heldout_loss  # noqa: E402
 from layerif_plugins.data import Examples, collate, pad_id_of, read_records  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
+from layerif_plugins.integrations.peft_moe.build import built_layout, get_moe_model, moe_layout  # noqa: E402
 from layerif_plugins.io import atomic_write_json, atomic_write_text  # noqa: E402
 from layerif_plugins.models import load_model_and_tokenizer  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
 from layerif_plugins.report import markdown_table  # noqa: E402
 from layerif_plugins.scorers import SCORERS, ScoringData, score_layers  # noqa: E402
+from layerif_plugins.training import heldout_loss  # noqa: E402
 
 LAYOUTS = ("uniform", "mola-2468", "alphalora", "layerif")
 

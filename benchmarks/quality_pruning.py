@@ -2,9 +2,9 @@
 
 For algorithm ∈ {wanda, sparsegpt} × allocation ∈ {uniform, OWL, AlphaPruning, LayerIF}
 × global sparsity ∈ {0.5, 0.6, 0.7}: prune the model with the real ``oneshot``
-(:func:`layerif_plugins.adapters.llmcompressor.prune_model`), reload the saved directory
+(:func:`layerif_plugins.integrations.llmcompressor.prune_model`), reload the saved directory
 and measure perplexity on TinyStories validation and on Shakespeare
-(:func:`layerif_plugins.evaluate.perplexity`, lm-eval's rolling-window scheme). LayerIF
+(:func:`layerif_plugins.evaluation.perplexity.perplexity`, lm-eval's rolling-window scheme). LayerIF
 scores come from TinyStories train → validation. Each allocation uses its reference
 spread (LayerIF ε = 0.1, OWL λ = 0.08, AlphaPruning ε = 0.2) unless ``--epsilon`` is given.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from layerif_plugins.allocate.sparsity import default_epsilon  # noqa: E402
 from layerif_plugins.data import load_examples, pad_id_of  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
-from layerif_plugins.evaluate import perplexity  # noqa: E402
+from layerif_plugins.evaluation.perplexity import perplexity  # noqa: E402
 from layerif_plugins.io import atomic_write_json, atomic_write_text  # noqa: E402
 from layerif_plugins.models import load_model_and_tokenizer, save_model_dir  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    from layerif_plugins.adapters.llmcompressor import prune_model
+    from layerif_plugins.integrations.llmcompressor import prune_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

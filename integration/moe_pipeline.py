@@ -18,16 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-from layerif_plugins.adapters.lm_eval import TaskSpec, evaluate
-from layerif_plugins.adapters.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
-from layerif_plugins.adapters.peft_moe.train import TrainConfig, heldout_loss, train_adapter
 from layerif_plugins.data import load_examples, pad_id_of
 from layerif_plugins.engine import InfluenceConfig
+from layerif_plugins.integrations.lm_eval import TaskSpec, evaluate
+from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
 from layerif_plugins.io import atomic_write_text
 from layerif_plugins.models import load_model_and_tokenizer
 from layerif_plugins.paths import shared_data, stories260k_checkpoint
 from layerif_plugins.report import markdown_table
 from layerif_plugins.scorers import ScoringData, score_layers
+from layerif_plugins.training import TrainConfig, heldout_loss, train_adapter
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from layerif_plugins.adapters.lm_eval import evaluate
-from layerif_plugins.adapters.vllm import check_vllm_dir, run_vllm, vllm_unavailable_reason
-from layerif_plugins.evaluate import perplexity
+from layerif_plugins.evaluation.perplexity import perplexity
+from layerif_plugins.integrations.lm_eval import evaluate
+from layerif_plugins.integrations.vllm_backend import check_vllm_dir, run_vllm, vllm_unavailable_reason
 from layerif_plugins.io import atomic_write_text
 from layerif_plugins.models import load_model_and_tokenizer, save_model_dir
 from layerif_plugins.paths import shared_data, stories260k_checkpoint
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from layerif_plugins.adapters.llmcompressor import prune_model
+    from layerif_plugins.integrations.llmcompressor import prune_model
 
     src = Path(args.model) if args.model else stories260k_checkpoint()
     if src.suffix == ".bin":

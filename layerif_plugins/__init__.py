@@ -10,10 +10,10 @@ The public API::
     scores.save("scores.json")
 
 Importing this package is cheap; the llm-compressor modifiers and the PEFT LoRA-MoE tuner
-register themselves when those libraries are imported (see ``layerif_plugins._plugins``).
+register themselves when those libraries are imported (the table in ``layerif_plugins.integrations``).
 """
 
-from layerif_plugins import _plugins
+from layerif_plugins import integrations
 from layerif_plugins.data import Examples, load_examples
 from layerif_plugins.engine import InfluenceConfig, InfluenceResult, compute_influence, reference_influence
 from layerif_plugins.errors import LayerIFError
@@ -23,7 +23,7 @@ from layerif_plugins.scores import LayerScores
 
 __version__ = "0.1.0"
 
-_plugins.install()
+integrations.install()
 
 __all__ = [
     "SCORERS",

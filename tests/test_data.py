@@ -8,7 +8,7 @@ import pytest
 
 from layerif_plugins.data import IGNORE_INDEX, collate, load_examples, read_records
 from layerif_plugins.errors import DataError
-from layerif_plugins.llama2c import build_llama2c_tokenizer
+from layerif_plugins.models.llama2c import build_llama2c_tokenizer
 
 
 @pytest.fixture(scope="module")

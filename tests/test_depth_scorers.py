@@ -21,8 +21,8 @@ from layerif_plugins.allocate.layers import (
     top_k_layers,
 )
 from layerif_plugins.data import Examples, collate
+from layerif_plugins.data.labelled import load_labelled, read_labelled
 from layerif_plugins.errors import AllocationError, ConfigError, DataError, NumericsError, ScoresError
-from layerif_plugins.labelled import load_labelled, read_labelled
 from layerif_plugins.models import fingerprint
 from layerif_plugins.scorers import ScoringData, score_layers
 from layerif_plugins.scorers.angular import angular_distance, block_distances, distance_matrix, redundancy_scores

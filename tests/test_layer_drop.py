@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from layerif_plugins.adapters.layer_drop import check_drop, drop_layers, save_dropped
 from layerif_plugins.allocate.layers import layers_to_adapt, layers_to_drop, lora_config_kwargs
 from layerif_plugins.cli import main
 from layerif_plugins.data import load_examples, pad_id_of
+from layerif_plugins.depth.drop import check_drop, drop_layers, save_dropped
 from layerif_plugins.errors import AllocationError, ModelError
 from layerif_plugins.models import fingerprint
 from layerif_plugins.paths import shared_data
@@ -110,7 +110,7 @@ def test_healing_lowers_validation_loss(stories, tinystories_train, tinystories_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from layerif_plugins.adapters.healing import HealConfig, heal, mean_loss, save_healed
+    from layerif_plugins.depth.heal import HealConfig, heal, mean_loss, save_healed
 
     model, tok = stories
     pad = pad_id_of(tok)

@@ -15,15 +15,15 @@ import pytest
 import torch
 import yaml
 
-from layerif_plugins.adapters.llmcompressor import (
-    LayerIFSparseGPTModifier,
-    LayerIFWandaPruningModifier,
-    prune_model,
-)
 from layerif_plugins.allocate.sparsity import layerwise_sparsity, owl_sparsity, weighted_mean
 from layerif_plugins.data import load_examples, pad_id_of
 from layerif_plugins.engine import InfluenceConfig
 from layerif_plugins.errors import AllocationError, ConfigError, DataError, ScoresError
+from layerif_plugins.integrations.llmcompressor import (
+    LayerIFSparseGPTModifier,
+    LayerIFWandaPruningModifier,
+    prune_model,
+)
 from layerif_plugins.models import block_linears, load_model_and_tokenizer
 from layerif_plugins.scorers import ScoringData, score_layers
 
@@ -291,7 +291,7 @@ pruning_stage:
 
 
 def test_unset_scores_env_var_refused():
-    from layerif_plugins.adapters.llmcompressor.modifiers import resolve_scores_path
+    from layerif_plugins.integrations.llmcompressor.modifiers import resolve_scores_path
 
     with pytest.raises(ConfigError, match="LAYERIF_SCORES"):
         resolve_scores_path("$LAYERIF_SCORES_SURELY_UNSET_123")
@@ -313,7 +313,7 @@ def test_import_is_lazy_and_yaml_resolves_in_fresh_process():
     import sys
 
     code = (
-        "import sys, layerif_plugins.adapters.llmcompressor\n"
+        "import sys, layerif_plugins.integrations.llmcompressor\n"
         "assert 'llmcompressor' not in sys.modules, 'adapter import pulled in llmcompressor'\n"
         "from llmcompressor.recipe import Recipe\n"
         f"m, = Recipe.create_instance({str(RECIPES / 'sparsegpt_alpha_hill_70.yaml')!r}).modifiers\n"
@@ -321,12 +321,12 @@ def test_import_is_lazy_and_yaml_resolves_in_fresh_process():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split()[-5:] == ["layerif_plugins.adapters.llmcompressor.modifiers",
+    assert res.stdout.split()[-5:] == ["layerif_plugins.integrations.llmcompressor.modifiers",
                                       "LayerIFSparseGPTModifier", "alpha_hill", "0.7", "0.2"]
 
 
 def test_epsilon_defaults_to_each_references_spread():
-    from layerif_plugins.adapters.llmcompressor import LayerIFSparseGPTModifier, LayerIFWandaPruningModifier
+    from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier, LayerIFWandaPruningModifier
 
     assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="owl").epsilon == 0.08
     assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="alpha_hill").epsilon == 0.2

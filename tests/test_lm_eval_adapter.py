@@ -15,19 +15,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerif_plugins.adapters.lm_eval import (
+from layerif_plugins.errors import ConfigError, DataError, ModelError
+from layerif_plugins.evaluation.checks import check_model_dir
+from layerif_plugins.evaluation.documents import read_mc_items
+from layerif_plugins.evaluation.perplexity import perplexity
+from layerif_plugins.evaluation.tasks import build_tinystories_mc, split_sentences
+from layerif_plugins.integrations.lm_eval import (
     EvalResult,
     TaskSpec,
-    check_model_dir,
     evaluate,
     parse_task,
-    read_mc_items,
     write_tasks,
 )
-from layerif_plugins.errors import ConfigError, DataError, ModelError
-from layerif_plugins.evaluate import perplexity
 from layerif_plugins.models import block_linears, load_model_and_tokenizer, save_model_dir
-from layerif_plugins.tasks import build_tinystories_mc, split_sentences
 
 N_DOCS = 8
 

@@ -9,7 +9,6 @@ import torch
 
 from layerif_plugins.data import read_records
 from layerif_plugins.errors import ConfigError, ModelError
-from layerif_plugins.llama2c import build_llama2c_tokenizer, llama2c_encode, read_header, read_llama2c_vocab
 from layerif_plugins.models import (
     block_class_name,
     block_linears,
@@ -17,6 +16,7 @@ from layerif_plugins.models import (
     fingerprint,
     load_model_and_tokenizer,
 )
+from layerif_plugins.models.llama2c import build_llama2c_tokenizer, llama2c_encode, read_header, read_llama2c_vocab
 
 KNOWN_GREEDY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "

@@ -13,7 +13,10 @@ peft = pytest.importorskip("peft")
 
 from peft import PeftModel, get_peft_model  # noqa: E402
 
-from layerif_plugins.adapters.peft_moe import (  # noqa: E402
+from layerif_plugins.allocate.experts import ExpertLayout, expert_layout  # noqa: E402
+from layerif_plugins.data import batches, load_examples, pad_id_of  # noqa: E402
+from layerif_plugins.errors import AllocationError, ConfigError, ScoresError  # noqa: E402
+from layerif_plugins.integrations.peft_moe import (  # noqa: E402
     LLAMA_PROJECTIONS,
     LORA_MOE_PEFT_TYPE,
     LoraMoeConfig,
@@ -22,16 +25,13 @@ from layerif_plugins.adapters.peft_moe import (  # noqa: E402
     load_balancing_loss,
     load_lora_moe,
 )
-from layerif_plugins.adapters.peft_moe.build import (  # noqa: E402
+from layerif_plugins.integrations.peft_moe.build import (  # noqa: E402
     built_layout,
     get_moe_model,
     layer_names,
     moe_layout,
     save_moe_adapter,
 )
-from layerif_plugins.allocate.experts import ExpertLayout, expert_layout  # noqa: E402
-from layerif_plugins.data import batches, load_examples, pad_id_of  # noqa: E402
-from layerif_plugins.errors import AllocationError, ConfigError, ScoresError  # noqa: E402
 from layerif_plugins.models import ModelFingerprint, fingerprint, load_model_and_tokenizer  # noqa: E402
 from layerif_plugins.scores import LayerScores  # noqa: E402
 
@@ -431,7 +431,7 @@ def test_recipes_load(stories, tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_pruned_model_carries_the_adapter(stories_dir, tinystories_train, shakespeare, tmp_path):
-    prune = pytest.importorskip("layerif_plugins.adapters.llmcompressor.prune")
+    prune = pytest.importorskip("layerif_plugins.integrations.llmcompressor.prune")
     pytest.importorskip("llmcompressor")
     pruned = tmp_path / "pruned"
     prune.prune_model(stories_dir, pruned, algorithm="wanda", sparsity=0.5, allocation="uniform",

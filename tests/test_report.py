@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from layerif_plugins.adapters.lm_eval import EvalResult, TaskResult
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.integrations.lm_eval import EvalResult, TaskResult
 from layerif_plugins.models import ModelFingerprint
 from layerif_plugins.report import (
     allocations_markdown,
@@ -115,7 +115,7 @@ def test_demo_end_to_end_small(tmp_path: Path):
     import json
 
     from layerif_plugins.cli import main
-    from layerif_plugins.evaluate import perplexity
+    from layerif_plugins.evaluation.perplexity import perplexity
     from layerif_plugins.models import load_model_and_tokenizer
 
     out = tmp_path / "demo"

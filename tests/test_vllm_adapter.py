@@ -17,18 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerif_plugins.adapters.vllm import (
-    check_vllm_dir,
+from layerif_plugins.errors import ConfigError, ModelError
+from layerif_plugins.evaluation.checks import check_vllm_dir, safetensors_header
+from layerif_plugins.evaluation.perplexity import perplexity
+from layerif_plugins.integrations.vllm_backend import (
     perplexity_windows,
     probe_vllm,
     run_vllm,
-    safetensors_header,
     vllm_python,
     vllm_unavailable_reason,
 )
-from layerif_plugins.adapters.vllm_worker import sum_prompt_logprobs
-from layerif_plugins.errors import ConfigError, ModelError
-from layerif_plugins.evaluate import perplexity
+from layerif_plugins.integrations.vllm_backend.worker import sum_prompt_logprobs
 from layerif_plugins.models import load_model_and_tokenizer
 
 
@@ -160,7 +159,7 @@ def test_interpreter_missing_or_without_vllm(tmp_path: Path, monkeypatch: pytest
 
 
 def test_run_vllm_refuses_wrong_interpreter_before_starting(stories_dir: Path):
-    from layerif_plugins.adapters.lm_eval import evaluate
+    from layerif_plugins.integrations.lm_eval import evaluate
 
     with pytest.raises(ConfigError, match="has no vllm"):
         run_vllm(stories_dir, prompts=["Once upon a time"], python=sys.executable)
@@ -172,7 +171,7 @@ def test_run_vllm_refuses_wrong_interpreter_before_starting(stories_dir: Path):
 def test_windows_reproduce_own_perplexity(stories: tuple, tinystories_valid: Path):
     """Prompt log-probs of the vLLM windows (computed here with the HF model) give the evaluator's NLL."""
     model, tok = stories
-    from layerif_plugins.adapters.lm_eval import read_perplexity_docs
+    from layerif_plugins.evaluation.documents import read_perplexity_docs
 
     docs = read_perplexity_docs(tinystories_valid, max_docs=3)
     ctx = 48  # small, so documents span several windows
@@ -226,7 +225,7 @@ def test_vllm_perplexity_matches_hf(wanda_dir: Path, tinystories_valid: Path):
 @pytest.mark.slow
 def test_vllm_lm_eval_backend(stories_dir: Path, tinystories_valid: Path):
     _skip_without_vllm()
-    from layerif_plugins.adapters.lm_eval import evaluate
+    from layerif_plugins.integrations.lm_eval import evaluate
 
     hf = evaluate(stories_dir, [f"perplexity:{tinystories_valid}", "tinystories-mc"], max_docs=16, device="cpu")
     vl = evaluate(stories_dir, [f"perplexity:{tinystories_valid}", "tinystories-mc"], max_docs=16, backend="vllm",

@@ -103,7 +103,7 @@ def _write_docs(path: Path, docs: list[str]) -> Path:
 
 def _held_out_data(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Evaluation files under out/data: TinyStories / Shakespeare documents the scorer never saw, and the MC task."""
-    from layerif_plugins.tasks import write_tinystories_mc
+    from layerif_plugins.evaluation.tasks import write_tinystories_mc
 
     data = out / "data"
     data.mkdir(exist_ok=True)
@@ -162,7 +162,7 @@ def _label(sparsity: float, alloc: str) -> str:
 
 def _prune(hf_dir: Path, out: Path, args: argparse.Namespace, clock: _Clock) -> dict[str, dict[str, Any]]:
     """Every (sparsity, allocation) pair → its prune_model report, keyed by the model label."""
-    from layerif_plugins.adapters.llmcompressor import prune_model
+    from layerif_plugins.integrations.llmcompressor import prune_model
 
     reports = {}
     for sparsity in _sparsities(args.sparsity):
@@ -183,7 +183,7 @@ def _prune(hf_dir: Path, out: Path, args: argparse.Namespace, clock: _Clock) -> 
 
 
 def _vllm_status(path: Path) -> str:
-    from layerif_plugins.adapters.vllm import check_vllm_dir
+    from layerif_plugins.integrations.vllm_backend import check_vllm_dir
 
     try:
         check_vllm_dir(path)
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
     models = {"dense": hf_dir, **{label: Path(r["out"]) for label, r in reports.items()}}
 
     data = _held_out_data(out, args)
-    from layerif_plugins.adapters.lm_eval import TaskSpec, evaluate
+    from layerif_plugins.integrations.lm_eval import TaskSpec, evaluate
 
     tasks = [TaskSpec("perplexity", data["tinystories"], name="tinystories"),
              TaskSpec("perplexity", data["shakespeare"], name="shakespeare"),
@@ -352,7 +352,7 @@ def _write_report(out: Path, model_path: Path, hf_dir: Path, model: Any, args: a
     lines += [
         "## 3. All evaluations (lm-eval, held-out data)",
         "",
-        f"`lm_eval.simple_evaluate` (hf backend) on local tasks written by `layerif_plugins.adapters.lm_eval`: "
+        f"`lm_eval.simple_evaluate` (hf backend) on local tasks written by `layerif_plugins.integrations.lm_eval`: "
         f"rolling log-likelihood on {args.n_eval_docs} held-out TinyStories validation stories and "
         f"{args.n_eval_docs} Shakespeare paragraphs, and `tinystories-mc` ({args.n_mc} items: the true next "
         "sentence among 4) built from other held-out stories. `sparsity` is measured in the saved weights; "

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerif_plugins.adapters.layer_drop import drop_layers, save_dropped
 from layerif_plugins.allocate.layers import check_k, last_layers, layers_to_drop
 from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_split
 from layerif_plugins.data import pad_id_of
+from layerif_plugins.depth.drop import drop_layers, save_dropped
 from layerif_plugins.errors import ConfigError, DataError
 from layerif_plugins.io import check_parent
 from layerif_plugins.models import num_layers
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
                   {"method": scores.method, "scores": scores.scores, "extras_keys": sorted(scores.extras),
                    "file": args.scores})
     if args.heal_steps:
-        from layerif_plugins.adapters.healing import HealConfig, heal
         from layerif_plugins.data import load_examples
+        from layerif_plugins.depth.heal import HealConfig, heal
 
         train = load_examples(args.heal_data, tok, args.max_length, n=args.heal_n, text_field=args.text_field)
         cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, r=args.heal_rank, lora_alpha=args.heal_alpha,

@@ -54,7 +54,7 @@ def parse_fields(spec: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerif_plugins.adapters.lm_eval import evaluate
+    from layerif_plugins.integrations.lm_eval import evaluate
 
     if args.out:
         check_parent(args.out)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from layerif_plugins.adapters.vllm import check_vllm_dir, run_vllm
+    from layerif_plugins.integrations.vllm_backend import check_vllm_dir, run_vllm
 
     check = check_vllm_dir(args.model)
     print(f"{args.model}: OK for vLLM — {check.architecture}, {check.num_params:,} parameters in "

@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerif_plugins.adapters.peft_moe import check_adapter_dir, load_lora_moe
-    from layerif_plugins.adapters.peft_moe.build import LAYOUT_FILE, append_load_note
-    from layerif_plugins.adapters.peft_moe.train import TrainConfig, heldout_loss, train_adapter
+    from layerif_plugins.integrations.peft_moe import check_adapter_dir, load_lora_moe
+    from layerif_plugins.integrations.peft_moe.build import LAYOUT_FILE, append_load_note
+    from layerif_plugins.training import TrainConfig, heldout_loss, train_adapter
 
     check_parent(args.out)
     check_adapter_dir(args.adapter)

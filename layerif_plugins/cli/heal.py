@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from layerif_plugins.adapters.healing import HealConfig, heal, mean_loss, save_healed
 from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model
 from layerif_plugins.cli.drop import add_heal_args
 from layerif_plugins.data import load_examples, pad_id_of
+from layerif_plugins.depth.heal import HealConfig, heal, mean_loss, save_healed
 from layerif_plugins.io import check_parent
 
 

@@ -73,7 +73,7 @@ def _scores(args: argparse.Namespace, model, tok):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from layerif_plugins.adapters.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
+    from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
 
     check_parent(args.out)
     model, tok = load_model(args)

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerif_plugins.adapters.llmcompressor import prune_model
+    from layerif_plugins.integrations.llmcompressor import prune_model
 
     report = prune_model(
         args.model, args.out, algorithm=args.algorithm, sparsity=args.sparsity, allocation=args.allocation,

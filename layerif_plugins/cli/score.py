@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.val:
         data.val = load_split(args.val, tok, args, args.n_val)
     if args.calib and args.label_field:
-        from layerif_plugins.labelled import load_labelled
+        from layerif_plugins.data.labelled import load_labelled
 
         labelled = load_labelled(args.calib, tok, max_length=args.max_length, n=args.n_calib, seed=args.seed,
                                  text_field=args.text_field, label_field=args.label_field)

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _score(args: argparse.Namespace):
     from layerif_plugins.data import load_examples, pad_id_of
-    from layerif_plugins.labelled import load_labelled
+    from layerif_plugins.data.labelled import load_labelled
     from layerif_plugins.models import load_model_and_tokenizer
     from layerif_plugins.scorers import ScoringData, score_layers
 

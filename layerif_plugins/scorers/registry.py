@@ -6,18 +6,22 @@ if-chains::
 
     @register_scorer("owl", needs=("calib",))
     def score_owl(model, data: ScoringData, *, m: float = 5.0) -> LayerScores: ...
+
+:func:`resolve_scores` is the one way every command, pipeline and integration gets scores:
+read a file (checked against the model and the method) or compute them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from layerif_plugins.data import Examples
-from layerif_plugins.errors import ConfigError, DataError
+from layerif_plugins.errors import ConfigError, DataError, ScoresError
 from layerif_plugins.scores import LayerScores
 
 
@@ -90,3 +94,32 @@ def score_layers(model: nn.Module, method: str, data: ScoringData | None = None,
     if missing:
         raise DataError(f"scoring method {method!r} needs {missing} data; pass it (e.g. --{missing[0]} FILE)")
     return spec.fn(model, data, **params)
+
+
+def resolve_scores(
+    model: nn.Module,
+    method: str | None,
+    path: str | Path | None = None,
+    data: ScoringData | None = None,
+    **params: Any,
+) -> LayerScores:
+    """The scores of ``model`` by ``method``: read from ``path`` when given, else computed.
+
+    A file is checked against the model (fingerprint; the differing field is named) and,
+    when ``method`` is given, against the method (a file of another method is refused, not
+    silently used). Without a file the registered scorer runs on ``data``; the inputs it
+    declares (``needs=``) must be present, else :class:`DataError` names the missing one.
+    ``method=None`` accepts a file of any method (and needs ``path``).
+    """
+    if path is not None:
+        scores = LayerScores.load(path)
+        if method is not None and scores.method != method:
+            raise ScoresError(
+                f"{path} holds {scores.method!r} scores but {method!r} was asked for; pass a {method!r} scores "
+                f"file (`layerif score --method {method}`) or choose {scores.method!r}"
+            )
+        scores.check_model(model)
+        return scores
+    if method is None:
+        raise ConfigError("no scores file and no scoring method: pass a scores file or name a method to compute")
+    return score_layers(model, method, data, **params)

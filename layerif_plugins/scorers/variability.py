@@ -40,7 +40,7 @@ def check_labels(labels: Sequence[int] | None, n_examples: int) -> list[int]:
     """Refuse missing labels, a count that differs from the examples, or fewer than two classes."""
     if labels is None:
         raise DataError("variability needs one class label per calibration example; load the data with "
-                        "layerif_plugins.labelled.load_labelled (JSONL with a text and a label field)")
+                        "layerif_plugins.data.labelled.load_labelled (JSONL with a text and a label field)")
     labels = [int(y) for y in labels]
     if len(labels) != n_examples:
         raise DataError(f"variability: {len(labels)} labels for {n_examples} calibration examples")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from layerif_plugins.data import Examples, collate
 from layerif_plugins.errors import ConfigError, DataError
-from layerif_plugins.evaluate import mean_token_loss
+from layerif_plugins.evaluation.perplexity import mean_token_loss
 from layerif_plugins.models import block_linears
 
 logger = logging.getLogger(__name__)

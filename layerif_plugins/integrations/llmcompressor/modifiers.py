@@ -46,7 +46,6 @@ from typing import Any, Literal
 import torch
 from compressed_tensors.utils import match_named_modules, match_targets
 from llmcompressor.core import Event, State
-from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES, SparsityModifierBase
 from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
@@ -320,7 +319,3 @@ MODIFIERS = {
     "LayerIFWandaPruningModifier": LayerIFWandaPruningModifier,
     "LayerIFSparseGPTModifier": LayerIFSparseGPTModifier,
 }
-
-# Importing this module is what makes the classes available to YAML recipes.
-for _name, _cls in MODIFIERS.items():
-    ModifierFactory.register(_name, _cls)

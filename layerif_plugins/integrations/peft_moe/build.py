@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from layerif_plugins.adapters.peft_moe.config import LoraMoeConfig
 from layerif_plugins.allocate.experts import LAYOUTS, ExpertLayout, expert_layout
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.integrations.peft_moe.config import LoraMoeConfig
 from layerif_plugins.io import atomic_dir, atomic_write_json
 from layerif_plugins.models import blocks_prefix, fingerprint, num_layers
 from layerif_plugins.scores import LayerScores
@@ -123,7 +123,7 @@ def append_load_note(readme: Path) -> None:
     note = (
         "\n## Loading this LoRA-MoE adapter\n\n"
         "It was made with layerif-plugins. Import the plugin before PEFT loads it:\n\n"
-        "```python\nimport layerif_plugins.adapters.peft_moe  # registers LAYERIF_LORA_MOE with PEFT\n"
+        "```python\nimport layerif_plugins.integrations.peft_moe  # registers LAYERIF_LORA_MOE with PEFT\n"
         "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, ADAPTER_DIR)\n```\n\n"
         "Without it PEFT stops with `KeyError: 'LAYERIF_LORA_MOE'`. The adapter cannot be merged into the "
         "base weights (routed experts); `layout.json` lists the experts and top-k per layer.\n"

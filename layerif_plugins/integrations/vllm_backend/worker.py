@@ -1,10 +1,10 @@
-"""Runs inside the vLLM environment; started by :mod:`layerif_plugins.adapters.vllm`, never imported there.
+"""Runs inside the vLLM environment; started by :mod:`layerif_plugins.integrations.vllm_backend`, never imported there.
 
 vLLM 0.33 needs CUDA torch 2.14.0 and compressed-tensors 0.17.0, which cannot live next to
 llm-compressor, so this script imports only the standard library, ``vllm`` and (for the
-lm-eval mode) ``lm_eval``. It is run as ``python -I vllm_worker.py REQUEST.json RESPONSE.json``
-(``-I`` keeps this folder, which holds modules named ``vllm.py`` and ``lm_eval.py``, off
-``sys.path``). The request says what to do:
+lm-eval mode) ``lm_eval``. It is run as ``python -I worker.py REQUEST.json RESPONSE.json``
+(``-I``: the vLLM environment's own packages only, no user site or ``PYTHONPATH``). The
+request says what to do:
 
 * ``mode="score"``: load ``model`` with ``vllm.LLM``; for every ``windows`` entry
   ``[token_ids, n_score]`` sum the prompt log-probabilities of its last ``n_score`` tokens
@@ -25,9 +25,6 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
-
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 
 def sum_prompt_logprobs(prompt_logprobs: list[Any], token_ids: list[int], n_score: int) -> float:
@@ -111,7 +108,7 @@ def _lm_eval(req: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print("usage: python -I vllm_worker.py REQUEST.json RESPONSE.json", file=sys.stderr)
+        print("usage: python -I worker.py REQUEST.json RESPONSE.json", file=sys.stderr)
         return 2
     req = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
     try:

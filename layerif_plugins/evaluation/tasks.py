@@ -6,7 +6,7 @@ and asks which of ``n_choices`` sentences comes next: the true next sentence, or
 sentences of similar length taken from *other* stories. A model that tracks characters,
 objects and the plot picks the true one; chance is ``1 / n_choices``. The items are
 written as JSONL in the ``question`` / ``choices`` / ``label`` layout that
-:mod:`layerif_plugins.adapters.lm_eval` reads, so any model can be scored on it with
+:mod:`layerif_plugins.integrations.lm_eval` reads, so any model can be scored on it with
 lm-eval (``acc`` and the length-normalised ``acc_norm``).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from layerif_plugins.data import read_records
-from layerif_plugins.errors import DataError
+from layerif_plugins.errors import ConfigError, DataError
 from layerif_plugins.io import atomic_write_text
 from layerif_plugins.paths import shared_data
 
@@ -127,3 +127,20 @@ def write_tinystories_mc(out: str | Path, **kwargs: Any) -> Path:
     """Build the task (see :func:`build_tinystories_mc`) and write it as JSONL, atomically."""
     items = build_tinystories_mc(**kwargs)
     return atomic_write_text(out, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+
+
+#: built-in evaluation tasks: name → kind ("mc" or "perplexity")
+BUILTIN_TASKS: dict[str, str] = {"tinystories-mc": "mc", "tinystories-ppl": "perplexity"}
+
+
+def builtin_task_rows(name: str, max_docs: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The rows (``{"question", "choices", "label"}`` or ``{"text"}``) of a built-in task, and their source."""
+    from layerif_plugins.evaluation.documents import MC_FIELDS, read_perplexity_docs
+
+    stories = shared_data("tinystories", "valid.txt")
+    if name == "tinystories-mc":
+        rows = [{k: r[k] for k in MC_FIELDS} for r in build_tinystories_mc(n=max_docs or 200)]
+        return rows, f"{stories} (tinystories-mc)"
+    if name == "tinystories-ppl":
+        return [{"text": d} for d in read_perplexity_docs(stories, max_docs=max_docs)], str(stories)
+    raise ConfigError(f"unknown built-in task {name!r}; available: {', '.join(BUILTIN_TASKS)}")

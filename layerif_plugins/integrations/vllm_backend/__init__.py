@@ -2,11 +2,11 @@
 
 vLLM 0.33 needs CUDA torch 2.14.0 and pins ``compressed-tensors==0.17.0`` while
 llm-compressor 0.14 pins 0.19.0, so vLLM lives in its **own environment** and runs in a
-subprocess: :mod:`layerif_plugins.adapters.vllm_worker` is started with the interpreter
+subprocess: :mod:`layerif_plugins.integrations.vllm_backend.worker` is started with the interpreter
 ``python=`` / ``$LAYERIF_VLLM_PYTHON`` / ``.venv-vllm/bin/python`` (built by ``make
 vllm-env`` on a GPU machine); requests and results travel as JSON files. Everything that
 needs no GPU happens here, in the main environment: tokenizing, rolling windows (the same
-scheme as :func:`layerif_plugins.evaluate.perplexity`), and :func:`check_vllm_dir`, which
+scheme as :func:`layerif_plugins.evaluation.perplexity.perplexity`), and :func:`check_vllm_dir`, which
 verifies on CPU that a saved directory has what vLLM needs::
 
     check_vllm_dir("pruned")                        # raises ModelError naming what is wrong
@@ -20,153 +20,32 @@ import json
 import logging
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerif_plugins.adapters.lm_eval import TOKENIZER_FILES, check_model_dir
 from layerif_plugins.errors import ConfigError, DataError, ModelError
-from layerif_plugins.evaluate import PerplexityResult, rolling_windows
+from layerif_plugins.evaluation.checks import check_vllm_dir
+from layerif_plugins.evaluation.documents import read_perplexity_docs
+from layerif_plugins.evaluation.perplexity import PerplexityResult, rolling_windows
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "LAYERIF_VLLM_PYTHON"
 DEFAULT_PYTHON = Path(".venv-vllm") / "bin" / "python"
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(__file__).with_name("worker.py")
 BUILD_HINT = (
     "build it with `make vllm-env` on a machine with an NVIDIA GPU (a separate venv with vllm==0.33.0, "
     "CUDA torch 2.14.0, lm-eval), or set LAYERIF_VLLM_PYTHON to a python that has vllm installed"
 )
-_DENSE_DTYPES = {"F64", "F32", "F16", "BF16"}
-# tensor-name suffixes that compressed-tensors uses for packed / sparse / quantized weights
-_COMPRESSED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "bitmask", "compressed",
-                        "row_offsets", "weight_shape", "sparsity_meta", "input_scale")
 
 
 # ---------------------------------------------------------------- the directory check (CPU)
-
-
-@dataclass
-class VllmDirCheck:
-    """What :func:`check_vllm_dir` found (it raises on anything vLLM would refuse)."""
-
-    path: str
-    architecture: str
-    weight_files: list[str]
-    tokenizer_files: list[str]
-    num_tensors: int
-    num_params: int
-    dtypes: list[str]
-    warnings: list[str] = field(default_factory=list)
-
-
-def safetensors_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a ``.safetensors`` file (names, dtypes, shapes) without reading tensors."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ModelError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ModelError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{path}: unreadable safetensors header ({exc})") from exc
-    header.pop("__metadata__", None)
-    return header
-
-
-def check_vllm_dir(path: str | Path, allow_quantized: bool = False) -> VllmDirCheck:
-    """Verify that ``path`` is a directory vLLM can load as a dense model; raise ModelError otherwise.
-
-    Checks: ``config.json`` with ``architectures``; safetensors weights (all shards of an
-    index present) holding dense float tensors; no ``sparsity_config`` with targets (vLLM
-    refuses those: its 2:4 sparse kernels were removed); no compressed-tensors quantization
-    (unless ``allow_quantized``: vLLM's compressed-tensors 0.17 is older than the 0.19 that
-    wrote it); tokenizer files.
-    """
-    path = Path(path)
-    check_model_dir(path)
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path / 'config.json'} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    archs = config.get("architectures")
-    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
-        raise ModelError(
-            f"{path / 'config.json'} has no 'architectures' list; vLLM picks the model class from it. "
-            "Re-save the model with model.save_pretrained(dir)"
-        )
-    qc = config.get("quantization_config") or {}
-    sparsity = qc.get("sparsity_config") or config.get("sparsity_config") or {}
-    if isinstance(sparsity, dict) and sparsity.get("targets"):
-        raise ModelError(
-            f"{path / 'config.json'} has a sparsity_config with targets {sparsity.get('targets')} "
-            f"(format {sparsity.get('format')!r}); vLLM 0.33 refuses sparse-compressed checkpoints. "
-            "Save the pruned model dense: model.save_pretrained(dir, save_compressed=True) with "
-            "compressed-tensors >= 0.15 writes dense weights (the zeros stay in place)"
-        )
-    groups = qc.get("config_groups") or {}
-    quant_targets = [t for g in groups.values() if isinstance(g, dict) for t in g.get("targets", [])]
-    if quant_targets and not allow_quantized:
-        raise ModelError(
-            f"{path / 'config.json'} has a quantization_config with targets {quant_targets}; this check covers dense "
-            "(pruned) checkpoints. Pass allow_quantized=True to skip it: vLLM's compressed-tensors 0.17 may not "
-            "read what 0.19 wrote"
-        )
-    weight_files = _weight_files(path)
-    dtypes: set[str] = set()
-    n_tensors = n_params = 0
-    for wf in weight_files:
-        for name, info in safetensors_header(path / wf).items():
-            if name.endswith(_COMPRESSED_SUFFIXES) or info.get("dtype") not in _DENSE_DTYPES:
-                if not (allow_quantized and quant_targets):
-                    raise ModelError(
-                        f"{path / wf}: tensor {name!r} ({info.get('dtype')}) is packed / compressed, not a dense "
-                        "float weight; re-save the model dense (save_pretrained without sparse compression)"
-                    )
-            dtypes.add(str(info.get("dtype")))
-            n_tensors += 1
-            numel = 1
-            for d in info.get("shape", []):
-                numel *= int(d)
-            n_params += numel
-    tokenizer_files = sorted(f for f in (*TOKENIZER_FILES, "tokenizer_config.json") if (path / f).is_file())
-    warnings = []
-    if "tokenizer_config.json" not in tokenizer_files:
-        warnings.append("no tokenizer_config.json: vLLM falls back to defaults for BOS / EOS handling")
-    return VllmDirCheck(str(path), archs[0], weight_files, tokenizer_files, n_tensors, n_params, sorted(dtypes),
-                        warnings)
-
-
-def _weight_files(path: Path) -> list[str]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelError(f"{index} is not a valid safetensors index ({exc})") from exc
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ModelError(f"{index} lists shard(s) that are missing: {missing}")
-        return shards
-    files = sorted(p.name for p in path.glob("*.safetensors"))
-    if files:
-        return files
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ModelError(
-            f"{path} holds PyTorch .bin weights only; vLLM here needs safetensors: "
-            "model.save_pretrained(dir, safe_serialization=True)"
-        )
-    raise ModelError(f"{path} holds no weights (no *.safetensors)")
 
 
 # ---------------------------------------------------------------- the vLLM interpreter
@@ -279,7 +158,7 @@ def perplexity_windows(
 ) -> tuple[list[tuple[list[int], int]], int]:
     """``([(prompt_ids, n_score), ...], n_tokens)``: the rolling windows of every document as vLLM prompts.
 
-    The same windows as :func:`layerif_plugins.evaluate.perplexity` with the same
+    The same windows as :func:`layerif_plugins.evaluation.perplexity.perplexity` with the same
     ``context_length``: each prompt is ``[BOS] + doc`` sliced so that its last ``n_score``
     tokens are the ones the window predicts (a prompt is at most ``context_length + 1`` long).
     """
@@ -342,7 +221,6 @@ def run_vllm(
     """
     from transformers import AutoTokenizer
 
-    from layerif_plugins.adapters.lm_eval import read_perplexity_docs
 
     check = check_vllm_dir(model_dir)
     exe = vllm_python(python)

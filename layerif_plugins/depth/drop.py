@@ -116,7 +116,7 @@ def shallower_config(config: Any, kept: Sequence[int]) -> tuple[Any, list[str]]:
             continue
         raise ModelError(
             f"config.{name} looks like a per-layer list ({old_n} entries) that layer_drop does not know how to "
-            "rebuild; add it to layerif_plugins.adapters.layer_drop.PER_LAYER_CONFIG_LISTS (one entry per "
+            "rebuild; add it to layerif_plugins.depth.drop.PER_LAYER_CONFIG_LISTS (one entry per "
             "layer) or LAYER_INDEX_CONFIG_LISTS (layer indices)"
         )
     return new, changed

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerif_plugins.data import Examples, iter_jsonl_objects, select
+from layerif_plugins.data.text import Examples, iter_jsonl_objects, select
 from layerif_plugins.errors import DataError
 
 

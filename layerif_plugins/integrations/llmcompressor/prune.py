@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from layerif_plugins.adapters.llmcompressor.modifiers import (
+from layerif_plugins.allocate.sparsity import check_target, weighted_mean
+from layerif_plugins.errors import ConfigError, ModelError, ScoresError
+from layerif_plugins.integrations.llmcompressor.modifiers import (
     ALLOCATIONS,
     LayerIFSparseGPTModifier,
     LayerIFSparsityModifierBase,
     LayerIFWandaPruningModifier,
     prunable_modules,
 )
-from layerif_plugins.allocate.sparsity import check_target, weighted_mean
-from layerif_plugins.errors import ConfigError, ModelError, ScoresError
 from layerif_plugins.io import atomic_dir, atomic_write_json, check_parent
 from layerif_plugins.scores import LayerScores, library_versions
 

@@ -1,10 +1,12 @@
 """LoRA-MoE for PEFT: a mixture of LoRA experts whose number of experts (and top-k) varies per layer.
 
-Importing this package registers the method with PEFT, so ``get_peft_model(model,
+The method is registered with PEFT (:func:`register`, through the table in
+:mod:`layerif_plugins.integrations`) as soon as both PEFT and this package are imported, in
+either order, so ``get_peft_model(model,
 LoraMoeConfig(...))``, ``save_pretrained`` and ``PeftModel.from_pretrained(model, dir)`` work
 like for any built-in tuner::
 
-    import layerif_plugins.adapters.peft_moe  # noqa: F401  (or: import layerif_plugins)
+    import layerif_plugins.integrations.peft_moe  # noqa: F401  (or: import layerif_plugins)
     from peft import PeftModel
     model = PeftModel.from_pretrained(base, "out/moe-adapter")
 
@@ -24,23 +26,24 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import peft
 from packaging.version import Version
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-from layerif_plugins.adapters.peft_moe.config import LLAMA_PROJECTIONS, LORA_MOE_PEFT_TYPE, LoraMoeConfig
-from layerif_plugins.adapters.peft_moe.layer import Linear, LoraMoeLayer, LoraMoeMergeError, load_balancing_loss
-from layerif_plugins.adapters.peft_moe.model import LoraMoeModel
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.integrations.peft_moe.config import LLAMA_PROJECTIONS, LORA_MOE_PEFT_TYPE, LoraMoeConfig
+from layerif_plugins.integrations.peft_moe.layer import Linear, LoraMoeLayer, LoraMoeMergeError, load_balancing_loss
+from layerif_plugins.integrations.peft_moe.model import LoraMoeModel
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_PEFT = (Version("0.21"), Version("0.22"))
 IMPORT_HINT = (
     "this is a LoRA-MoE adapter from layerif-plugins: run `import layerif_plugins` (or "
-    "`import layerif_plugins.adapters.peft_moe`) before `PeftModel.from_pretrained`"
+    "`import layerif_plugins.integrations.peft_moe`) before `PeftModel.from_pretrained`"
 )
 
 __all__ = [
@@ -59,8 +62,8 @@ __all__ = [
 ]
 
 
-def register() -> None:
-    """Make the method known to PEFT (idempotent; done on import)."""
+def register(host: ModuleType | None = None) -> None:
+    """Make the method known to PEFT (idempotent; ``host`` is the ``peft`` module, unused: the tables are imported)."""
     version = Version(peft.__version__)
     if not SUPPORTED_PEFT[0] <= version < SUPPORTED_PEFT[1]:
         warnings.warn(
@@ -104,6 +107,3 @@ def load_lora_moe(model: Any, path: str | Path, is_trainable: bool = False, **kw
 
     check_adapter_dir(path)
     return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable, **kwargs)
-
-
-register()

@@ -15,20 +15,20 @@ from peft.tuners.tuners_utils import (
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from layerif_plugins.adapters.peft_moe.config import (
+from layerif_plugins.errors import ConfigError
+from layerif_plugins.integrations.peft_moe.config import (
     LLAMA_PROJECTIONS,
     LoraMoeConfig,
     layer_key_of,
     match_pattern_key,
 )
-from layerif_plugins.adapters.peft_moe.layer import (
+from layerif_plugins.integrations.peft_moe.layer import (
     MERGE_MESSAGE,
     Linear,
     LoraMoeLayer,
     LoraMoeMergeError,
     TokenMask,
 )
-from layerif_plugins.errors import ConfigError
 
 _LLAMA_LIKE = list(LLAMA_PROJECTIONS)
 TARGET_MODULE_MAPPING: dict[str, list[str]] = {
@@ -40,7 +40,7 @@ class LoraMoeModel(BaseTuner):
     """Mixture of LoRA experts with a per-layer number of experts and router top-k.
 
     Created by ``get_peft_model(model, LoraMoeConfig(...))`` once ``layerif_plugins`` (or
-    ``layerif_plugins.adapters.peft_moe``) is imported. In training mode every forward adds
+    ``layerif_plugins.integrations.peft_moe``) is imported. In training mode every forward adds
     ``router_aux_loss_coef × router_aux_loss`` to the model's loss (when labels give one),
     as PEFT's AdaLoRA adds its orthogonality regulariser — from a forward hook on the wrapped
     model rather than from ``forward``, because a plain ``PeftModel`` skips the tuner's

@@ -17,7 +17,7 @@ import torch
 
 from layerif_plugins.data import Examples, collate
 from layerif_plugins.errors import ConfigError, DataError
-from layerif_plugins.evaluate import mean_token_loss
+from layerif_plugins.evaluation.perplexity import mean_token_loss
 
 logger = logging.getLogger(__name__)
 

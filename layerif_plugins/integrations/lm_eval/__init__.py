@@ -6,7 +6,7 @@ the bad line, field mappings and string labels are resolved once, and ``data_fil
 is an absolute path under the ``test`` split), then ``lm_eval.simple_evaluate`` runs with
 ``TaskManager(include_path=task_dir, include_defaults=False)``::
 
-    from layerif_plugins.adapters.lm_eval import evaluate
+    from layerif_plugins.integrations.lm_eval import evaluate
     res = evaluate("pruned-dir", ["perplexity:valid.txt", "mc:qa.jsonl", "tinystories-mc"])
     res.metric("ppl_valid", "word_perplexity")
 
@@ -16,14 +16,14 @@ Task kinds:
   text file (split like :func:`layerif_plugins.data.read_records`: ``<|endoftext|>`` lines
   or blank lines; ``.jsonl`` with a text field) → ``word_perplexity``, ``byte_perplexity``,
   ``bits_per_byte``. Every document is scored on its own after the BOS token, exactly as
-  :func:`layerif_plugins.evaluate.perplexity` does: the model runs with
+  :func:`layerif_plugins.evaluation.perplexity.perplexity` does: the model runs with
   ``add_bos_token=False`` for these tasks, because the rolling windows already start with
   BOS (lm-eval's default would score a second BOS).
 * ``mc:FILE``: multiple choice from JSONL objects ``{"question": str, "choices": [str, ...],
   "label": int | str}`` (``fields=`` maps other field names) → ``acc``, ``acc_norm``.
   The answer is scored as ``question + " " + choice``, the tokenizer's default special
   tokens apply (BOS for Llama-like models).
-* ``tinystories-mc``: the built-in next-sentence task (:mod:`layerif_plugins.tasks`);
+* ``tinystories-mc``: the built-in next-sentence task (:mod:`layerif_plugins.evaluation.tasks`);
   ``tinystories-ppl``: perplexity on the TinyStories validation split.
 
 Offline: ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` default to 1 and the datasets cache is
@@ -44,10 +44,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from layerif_plugins.data import iter_jsonl_objects, read_records
-from layerif_plugins.errors import ConfigError, DataError, ModelError
+from layerif_plugins.errors import ConfigError
+from layerif_plugins.evaluation.checks import check_model_dir
+from layerif_plugins.evaluation.documents import read_mc_items, read_perplexity_docs
+from layerif_plugins.evaluation.tasks import BUILTIN_TASKS, builtin_task_rows
 from layerif_plugins.io import atomic_write_json, atomic_write_text
-from layerif_plugins.paths import shared_data
 from layerif_plugins.report import markdown_table
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ logger = logging.getLogger(__name__)
 TaskKind = Literal["perplexity", "mc"]
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
-MC_FIELDS = ("question", "choices", "label")
-# files that hold a tokenizer's vocabulary (tokenizer_config.json alone is not enough)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
-BUILTIN_TASKS = ("tinystories-mc", "tinystories-ppl")
 _KIND_ALIASES = {"perplexity": "perplexity", "ppl": "perplexity", "mc": "mc", "multiple_choice": "mc"}
 
 
@@ -113,68 +110,6 @@ def parse_task(spec: str | TaskSpec, max_docs: int | None = None, fields: Mappin
 # ---------------------------------------------------------------- reading and validating task data
 
 
-def read_perplexity_docs(path: str | Path, text_field: str = "text", max_docs: int | None = None) -> list[str]:
-    """The documents of a text / JSONL file (the same split as the project's own evaluator)."""
-    records = read_records(path, text_field)
-    docs = [r for r in records if isinstance(r, str)]
-    if len(docs) != len(records):
-        raise DataError(f"{path}: perplexity needs text documents, not pre-tokenized 'input_ids'")
-    return docs[:max_docs] if max_docs else docs
-
-
-def read_mc_items(
-    path: str | Path, fields: Mapping[str, str] | None = None, max_docs: int | None = None
-) -> list[dict[str, Any]]:
-    """Validated ``{"question", "choices", "label"}`` items of a JSONL file; errors name the line.
-
-    ``fields`` maps our names to the file's (e.g. ``{"question": "ctx", "choices": "endings"}``);
-    a string label must equal one of the choices and becomes its index.
-    """
-    path = Path(path)
-    names = {k: k for k in MC_FIELDS}
-    for key, val in (fields or {}).items():
-        if key not in names:
-            raise ConfigError(f"unknown multiple-choice field {key!r}; map only {', '.join(MC_FIELDS)}")
-        names[key] = val
-    if not path.is_file():
-        raise DataError(f"task file not found: {path}")
-    items: list[dict[str, Any]] = []
-    for lineno, obj in iter_jsonl_objects(path):
-        items.append(_mc_item(obj, names, f"{path}:{lineno}"))
-        if max_docs and len(items) == max_docs:
-            break
-    if not items:
-        raise DataError(f"{path} holds no multiple-choice items (empty file)")
-    return items
-
-
-def _mc_item(obj: dict[str, Any], names: Mapping[str, str], where: str) -> dict[str, Any]:
-    missing = [names[k] for k in MC_FIELDS if names[k] not in obj]
-    if missing:
-        raise DataError(
-            f"{where}: missing field(s) {missing} (keys: {sorted(obj)}); "
-            "name the fields with --mc-fields question=…,choices=…,label=…"
-        )
-    question, choices, label = (obj[names[k]] for k in MC_FIELDS)
-    if not isinstance(question, str):
-        raise DataError(f"{where}: {names['question']!r} must be a string, got {type(question).__name__}")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-        raise DataError(f"{where}: {names['choices']!r} must be a list of at least 2 non-empty strings")
-    if isinstance(label, str) and not label.lstrip("-").isdigit():
-        if label not in choices:
-            raise DataError(f"{where}: label {label!r} is not one of the {len(choices)} choices")
-        label = choices.index(label)
-    elif isinstance(label, (str, int)) and not isinstance(label, bool):
-        label = int(label)
-        if not 0 <= label < len(choices):
-            raise DataError(
-                f"{where}: label {label} does not index the {len(choices)} choices (valid: 0..{len(choices) - 1})"
-            )
-    else:
-        raise DataError(f"{where}: label must be a choice index or the text of a choice, got {label!r}")
-    return {"question": question, "choices": choices, "label": label}
-
-
 # ---------------------------------------------------------------- writing lm-eval task files
 
 
@@ -224,8 +159,6 @@ def _task_yaml(name: str, kind: TaskKind, data_file: Path, cache_dir: Path) -> s
 
 def write_tasks(specs: Sequence[TaskSpec], task_dir: str | Path) -> list[BuiltTask]:
     """Validate each task's data, write ``<name>.jsonl`` + ``<name>.yaml`` into ``task_dir``."""
-    from layerif_plugins.tasks import build_tinystories_mc
-
     task_dir = Path(task_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = task_dir / "datasets_cache"
@@ -236,13 +169,8 @@ def write_tasks(specs: Sequence[TaskSpec], task_dir: str | Path) -> list[BuiltTa
         if name in seen:
             raise ConfigError(f"two tasks are named {name!r}; give one a distinct name (TaskSpec(name=…))")
         seen.add(name)
-        if spec.builtin == "tinystories-mc":
-            rows = build_tinystories_mc(n=spec.max_docs or 200)
-            rows = [{k: r[k] for k in MC_FIELDS} for r in rows]
-            source = f"{shared_data('tinystories', 'valid.txt')} (tinystories-mc)"
-        elif spec.builtin == "tinystories-ppl":
-            source = str(shared_data("tinystories", "valid.txt"))
-            rows = [{"text": d} for d in read_perplexity_docs(source, max_docs=spec.max_docs)]
+        if spec.builtin:
+            rows, source = builtin_task_rows(spec.builtin, spec.max_docs)
         elif spec.path is None:
             raise ConfigError(f"task {name!r} has neither a file nor a built-in name")
         elif spec.kind == "perplexity":
@@ -319,22 +247,6 @@ def _collect(raw: Mapping[str, Any], built: Sequence[BuiltTask]) -> dict[str, Ta
 
 
 # ---------------------------------------------------------------- running
-
-
-def check_model_dir(path: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Refuse a model directory lm-eval / vLLM cannot load: no config.json, or no tokenizer."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path} has no config.json; save the model with save_pretrained (or `layerif convert`)")
-    tok_dir = Path(tokenizer) if tokenizer is not None else path
-    if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(
-            f"{tok_dir} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}); save one beside the model "
-            "(tokenizer.save_pretrained(dir)) or pass tokenizer=/--tokenizer"
-        )
-    return path
 
 
 @contextmanager
@@ -416,7 +328,7 @@ def evaluate(
         if backend == "hf":
             raw = _run_hf(model, tokenizer, built, task_dir, batch_size, device, dtype, max_length)
         else:
-            from layerif_plugins.adapters.vllm import run_lm_eval_vllm
+            from layerif_plugins.integrations.vllm_backend import run_lm_eval_vllm
 
             raw = run_lm_eval_vllm(model, task_dir, task_groups(built), batch_size=batch_size, dtype=dtype,
                                    max_length=max_length, python=vllm_python, llm_args=vllm_args,

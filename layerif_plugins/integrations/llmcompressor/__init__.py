@@ -6,22 +6,21 @@ llm-compressor's ``ModifierFactory``, so YAML recipes that name them resolve in
 by ``layerif prune``.
 
 Importing this package is cheap: llm-compressor takes seconds to import, so nothing of
-it is imported here. Instead :func:`install_lazy_registration` puts a small factory for
-each modifier name into ``ModifierFactory``'s registry as soon as llm-compressor's
-factory module is loaded (now, if it already is); the first recipe that names one of
-them imports :mod:`.modifiers`, which registers the real classes. Attribute access
-(``from layerif_plugins.adapters.llmcompressor import prune_model``) imports lazily too.
+it is imported here. :func:`register` (called through the table in
+:mod:`layerif_plugins.integrations` as soon as llm-compressor's factory module is loaded)
+puts a small factory for each modifier name into ``ModifierFactory``'s registry; the
+first recipe that names one of them imports :mod:`.modifiers` and registers the real
+classes in their place. Attribute access
+(``from layerif_plugins.integrations.llmcompressor import prune_model``) imports lazily too.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
-
-from layerif_plugins._plugins import when_imported
 
 MODIFIER_NAMES = ("LayerIFWandaPruningModifier", "LayerIFSparseGPTModifier")
 _FACTORY_MODULE = "llmcompressor.modifiers.factory"
@@ -39,32 +38,32 @@ _LAZY = {
 
 
 def _creator(name: str) -> Callable[..., Any]:
-    """Stands in the registry for ``name`` until the real class is imported (then it replaces itself)."""
+    """Stands in the registry for ``name`` until the real class is imported (then it is replaced)."""
 
     def create(**kwargs: Any) -> Any:
-        from layerif_plugins.adapters.llmcompressor import modifiers  # registers the real classes
+        from layerif_plugins.integrations.llmcompressor import modifiers
 
+        register(sys.modules[_FACTORY_MODULE])  # the real classes replace the stand-ins
         return modifiers.MODIFIERS[name](**kwargs)
 
     create.__name__ = create.__qualname__ = name
     return create
 
 
-def _install_creators(factory_module: Any) -> None:
-    registry = factory_module.ModifierFactory._registered_registry
-    for name in MODIFIER_NAMES:
-        registry.setdefault(name, _creator(name))
+def register(factory_module: ModuleType) -> None:
+    """Make YAML recipes naming the LayerIF modifiers resolve in ``factory_module.ModifierFactory``.
 
-
-def install_lazy_registration() -> bool:
-    """Make YAML recipes naming the LayerIF modifiers resolve, without importing llm-compressor now.
-
-    Returns False when llm-compressor is not installed (nothing to do).
+    Puts the real classes there when :mod:`.modifiers` is loaded, cheap stand-ins otherwise
+    (idempotent).
     """
-    if _FACTORY_MODULE not in sys.modules and importlib.util.find_spec("llmcompressor") is None:
-        return False
-    when_imported(_FACTORY_MODULE, _install_creators)
-    return True
+    factory = factory_module.ModifierFactory
+    modifiers = sys.modules.get(f"{__name__}.modifiers")
+    real = getattr(modifiers, "MODIFIERS", None)
+    for name in MODIFIER_NAMES:
+        if real is not None:
+            factory.register(name, real[name])
+        else:
+            factory._registered_registry.setdefault(name, _creator(name))
 
 
 def __getattr__(name: str) -> Any:
@@ -74,7 +73,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-install_lazy_registration()
-
-__all__ = [*MODIFIER_NAMES, "LayerIFSparsityModifierBase", "ALLOCATIONS", "ALGORITHMS", "install_lazy_registration",
+__all__ = [*MODIFIER_NAMES, "LayerIFSparsityModifierBase", "ALLOCATIONS", "ALGORITHMS", "register",
            "measure_sparsity", "prunable_modules", "prune_model", "resolve_scores_path"]

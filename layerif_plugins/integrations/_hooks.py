@@ -1,17 +1,15 @@
-"""Register our llm-compressor modifiers and PEFT tuner as soon as those libraries are imported.
+"""A post-import hook: run a callback on a module right after it is imported (or at once, if it is).
 
 ``import layerif_plugins`` must be cheap (the CLI and the engine need neither llm-compressor
 nor PEFT, and each takes seconds to import), yet a YAML recipe naming
 ``LayerIFWandaPruningModifier`` or ``PeftModel.from_pretrained`` on a LoRA-MoE adapter must
-work in any import order. :func:`when_imported` runs a callback on a module right after it
-is imported (or at once, if it already is), through one post-import hook on ``sys.meta_path``.
+work in any import order. :func:`when_imported` does that through one finder on
+``sys.meta_path``; the registration table that uses it is :mod:`layerif_plugins.integrations`.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -70,12 +68,3 @@ def when_imported(name: str, callback: Callback) -> None:
     _PENDING.setdefault(name, []).append(callback)
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
-
-
-def install() -> None:
-    """Hook every integration whose upstream library is installed."""
-    if importlib.util.find_spec("llmcompressor") is not None:
-        # cheap: puts stand-ins into ModifierFactory when llm-compressor's factory module loads
-        importlib.import_module("layerif_plugins.adapters.llmcompressor")
-    if importlib.util.find_spec("peft") is not None:
-        when_imported("peft", lambda _m: importlib.import_module("layerif_plugins.adapters.peft_moe"))

@@ -1,1 +1,0 @@
-"""Adapters that plug layer scores into the tools people use (llm-compressor, PEFT, lm-eval, vLLM)."""

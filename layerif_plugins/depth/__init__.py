@@ -1,0 +1,1 @@
+"""Depth pruning: drop whole decoder blocks (:mod:`.drop`) and heal the rest with a LoRA (:mod:`.heal`)."""

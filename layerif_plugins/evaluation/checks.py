@@ -1,0 +1,161 @@
+"""Model-directory checks on CPU: what lm-eval and vLLM need before a model directory is handed to them.
+
+:func:`check_model_dir` (config + tokenizer, for lm-eval and vLLM alike) and
+:func:`check_vllm_dir` (dense safetensors, architectures, no sparse or quantized
+compression vLLM would refuse) read only file headers, so they run in the main
+environment without vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerif_plugins.errors import ModelError
+
+# files that hold a tokenizer's vocabulary (tokenizer_config.json alone is not enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_model_dir(path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Refuse a model directory lm-eval / vLLM cannot load: no config.json, or no tokenizer."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; save the model with save_pretrained (or `layerif convert`)")
+    tok_dir = Path(tokenizer) if tokenizer is not None else path
+    if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"{tok_dir} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}); save one beside the model "
+            "(tokenizer.save_pretrained(dir)) or pass tokenizer=/--tokenizer"
+        )
+    return path
+
+
+_DENSE_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+# tensor-name suffixes that compressed-tensors uses for packed / sparse / quantized weights
+_COMPRESSED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "bitmask", "compressed",
+                        "row_offsets", "weight_shape", "sparsity_meta", "input_scale")
+
+
+@dataclass
+class VllmDirCheck:
+    """What :func:`check_vllm_dir` found (it raises on anything vLLM would refuse)."""
+
+    path: str
+    architecture: str
+    weight_files: list[str]
+    tokenizer_files: list[str]
+    num_tensors: int
+    num_params: int
+    dtypes: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def safetensors_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a ``.safetensors`` file (names, dtypes, shapes) without reading tensors."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ModelError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ModelError(f"{path} is not a safetensors file (header length {n})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{path}: unreadable safetensors header ({exc})") from exc
+    header.pop("__metadata__", None)
+    return header
+
+
+def check_vllm_dir(path: str | Path, allow_quantized: bool = False) -> VllmDirCheck:
+    """Verify that ``path`` is a directory vLLM can load as a dense model; raise ModelError otherwise.
+
+    Checks: ``config.json`` with ``architectures``; safetensors weights (all shards of an
+    index present) holding dense float tensors; no ``sparsity_config`` with targets (vLLM
+    refuses those: its 2:4 sparse kernels were removed); no compressed-tensors quantization
+    (unless ``allow_quantized``: vLLM's compressed-tensors 0.17 is older than the 0.19 that
+    wrote it); tokenizer files.
+    """
+    path = Path(path)
+    check_model_dir(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path / 'config.json'} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
+        raise ModelError(
+            f"{path / 'config.json'} has no 'architectures' list; vLLM picks the model class from it. "
+            "Re-save the model with model.save_pretrained(dir)"
+        )
+    qc = config.get("quantization_config") or {}
+    sparsity = qc.get("sparsity_config") or config.get("sparsity_config") or {}
+    if isinstance(sparsity, dict) and sparsity.get("targets"):
+        raise ModelError(
+            f"{path / 'config.json'} has a sparsity_config with targets {sparsity.get('targets')} "
+            f"(format {sparsity.get('format')!r}); vLLM 0.33 refuses sparse-compressed checkpoints. "
+            "Save the pruned model dense: model.save_pretrained(dir, save_compressed=True) with "
+            "compressed-tensors >= 0.15 writes dense weights (the zeros stay in place)"
+        )
+    groups = qc.get("config_groups") or {}
+    quant_targets = [t for g in groups.values() if isinstance(g, dict) for t in g.get("targets", [])]
+    if quant_targets and not allow_quantized:
+        raise ModelError(
+            f"{path / 'config.json'} has a quantization_config with targets {quant_targets}; this check covers dense "
+            "(pruned) checkpoints. Pass allow_quantized=True to skip it: vLLM's compressed-tensors 0.17 may not "
+            "read what 0.19 wrote"
+        )
+    weight_files = _weight_files(path)
+    dtypes: set[str] = set()
+    n_tensors = n_params = 0
+    for wf in weight_files:
+        for name, info in safetensors_header(path / wf).items():
+            if name.endswith(_COMPRESSED_SUFFIXES) or info.get("dtype") not in _DENSE_DTYPES:
+                if not (allow_quantized and quant_targets):
+                    raise ModelError(
+                        f"{path / wf}: tensor {name!r} ({info.get('dtype')}) is packed / compressed, not a dense "
+                        "float weight; re-save the model dense (save_pretrained without sparse compression)"
+                    )
+            dtypes.add(str(info.get("dtype")))
+            n_tensors += 1
+            numel = 1
+            for d in info.get("shape", []):
+                numel *= int(d)
+            n_params += numel
+    tokenizer_files = sorted(f for f in (*TOKENIZER_FILES, "tokenizer_config.json") if (path / f).is_file())
+    warnings = []
+    if "tokenizer_config.json" not in tokenizer_files:
+        warnings.append("no tokenizer_config.json: vLLM falls back to defaults for BOS / EOS handling")
+    return VllmDirCheck(str(path), archs[0], weight_files, tokenizer_files, n_tensors, n_params, sorted(dtypes),
+                        warnings)
+
+
+def _weight_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelError(f"{index} is not a valid safetensors index ({exc})") from exc
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelError(f"{index} lists shard(s) that are missing: {missing}")
+        return shards
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if files:
+        return files
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ModelError(
+            f"{path} holds PyTorch .bin weights only; vLLM here needs safetensors: "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
+    raise ModelError(f"{path} holds no weights (no *.safetensors)")

@@ -1,0 +1,46 @@
+"""Models: the family table, fingerprints, loading (HF directory, hub id, llama2.c ``.bin``).
+
+Everything is re-exported here, so ``from layerif_plugins.models import decoder_blocks`` is
+the one import callers need; the submodules each hold one job.
+"""
+
+from layerif_plugins.models.families import (
+    FAMILIES,
+    PARAM_GROUPS,
+    Family,
+    LinearModule,
+    ParamGroup,
+    block_class_name,
+    block_linears,
+    blocks_prefix,
+    decoder_blocks,
+    family_of,
+    linear_weight_is_transposed,
+    model_type,
+    num_layers,
+)
+from layerif_plugins.models.fingerprint import ModelFingerprint, config_hash, fingerprint
+from layerif_plugins.models.loading import load_model_and_tokenizer, resolve_device, resolve_dtype, save_model_dir
+
+__all__ = [
+    "FAMILIES",
+    "PARAM_GROUPS",
+    "Family",
+    "LinearModule",
+    "ModelFingerprint",
+    "ParamGroup",
+    "block_class_name",
+    "block_linears",
+    "blocks_prefix",
+    "config_hash",
+    "decoder_blocks",
+    "family_of",
+    "fingerprint",
+    "linear_weight_is_transposed",
+    "load_model_and_tokenizer",
+    "model_type",
+    "num_layers",
+    "resolve_device",
+    "resolve_dtype",
+    "save_model_dir",
+]
