@@ -1,184 +1,394 @@
-"""Speed and memory of the LayerIF engine vs the published code's loop structure.
+"""Speed and memory of the LayerIF engine (four-pass and one-pass) vs a plain fwd+bwd and the published loop.
 
-Prints (and writes to bench_out/engine.md) a table per model: for n train examples and m
-validation examples,
+For every model, sequence length T and train-set size n (m = n / 4 validation examples unless
+``--m``), one fresh subprocess loads the model and the data and times, *alternately in that
+process* (best of ``--repeats``), so that the ratios are measured under the same conditions:
 
-* ``engine s``: the fast engine (4 batched passes, all layers at once);
-* ``reference s``: the published code's cost structure - one forward+backward per example
-  *per layer*, gradients flattened to CPU, per-pair maths in Python loops - measured on a
-  subset (``--ref-examples`` examples × ``--ref-layers`` layers and ``--ref-pairs`` pairs)
-  and scaled linearly to n, m and all layers (marked "scaled");
-* ``fwd+bwd s``: one plain batched forward+backward (all parameter gradients) over the same
-  n + m examples - the unit of "how many training passes does scoring cost";
-* peak RSS of the process that ran the engine (each cell runs in its own subprocess).
+* ``fwd+bwd``: one plain batched forward+backward with every weight gradient over the same
+  n + m examples (the unit of "how many training passes does scoring cost");
+* the engine in each ``--modes`` mode (``four-pass``: 3 model passes over the train set;
+  ``one-pass``: 1, holding the per-example factors in memory);
 
-Timings are the best of ``--repeats`` runs (1 run for the deep model above n = 64).
-Usage: ``python benchmarks/engine.py`` (full), ``--quick`` (small n, for a smoke run).
+and reports seconds, the ratio to fwd+bwd, tokens/s (train + validation tokens / s), the peak
+RSS of each phase (Linux ``VmHWM``, reset before each phase; CUDA: ``max_memory_allocated``).
+
+``--load-rows`` adds rows under a synthetic competing load (``--load-procs`` busy-loop
+processes started and stopped by this script): without the thread defaults (the user's
+environment: OpenMP's default wait policy) and with them
+(:func:`layerif_plugins.engine.threads.threads_env`: ``OMP_WAIT_POLICY=PASSIVE``), next to
+the same cell on an idle machine.
+
+``--reference`` times the published code's loop structure (one forward+backward per example
+*per layer*, flattened gradients, per-pair maths in Python loops) on a subset
+(``--ref-examples`` × ``--ref-layers``, ``--ref-pairs`` pairs) and scales it linearly.
+
+Models: ``smollm2-135m`` (the catalogue's real SmolLM2-135M when fetched, else ``--model-path``,
+else a config-built random-weight model of its shape), ``stories260k`` (shared), ``llama32x256``
+and ``qwen05b`` (config-built random weights: timing only; Qwen2-0.5B's shape). Data: TinyStories
+from the shared assets tokenized by the model's tokenizer (the stories260K one for config-built
+models), or, with ``--data synthetic`` / when the assets are absent, seeded random token ids.
+
+Usage: ``python benchmarks/engine.py --models smollm2-135m --ns 64 --lengths 128`` (CPU);
+``--quick`` (stories260K, n = 32, T = 128); on a GPU: ``--device cuda --dtype bfloat16``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
 
 from layerif_plugins.data import Examples, batches, load_examples  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig, compute_influence  # noqa: E402
 from layerif_plugins.engine.loss import per_example_loss  # noqa: E402
 from layerif_plugins.engine.reference import _influence_one_weight, reference_influence  # noqa: E402
-from layerif_plugins.models import load_model_and_tokenizer  # noqa: E402
+from layerif_plugins.engine.threads import available_cpus, threads_env  # noqa: E402
+from layerif_plugins.models import block_linears, load_model_and_tokenizer  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
 from layerif_plugins.report import markdown_table  # noqa: E402
 
+# config-built shapes (random weights: timing only)
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama32x256": dict(arch="llama", vocab_size=512, hidden_size=256, intermediate_size=608, num_hidden_layers=32,
+                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                    num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                    rope_theta=1000000.0),
+}
+MODEL_NAMES = ("smollm2-135m", "stories260k", "llama32x256", "qwen05b")
 
-def build_model(name: str):
-    if name == "stories260K":
-        model, tok = load_model_and_tokenizer(stories260k_checkpoint())
-        return model, tok
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tok = load_model_and_tokenizer(stories260k_checkpoint())
+def _stories_tokenizer():
+    return load_model_and_tokenizer(stories260k_checkpoint())[1] if stories260k_checkpoint().is_file() else None
+
+
+def config_built(name: str, device: str = "cpu"):
+    """A random-weight model of ``SHAPES[name]`` (seeded, built on ``device``) and the stories260K tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(SHAPES[name])
+    arch = shape.pop("arch")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=608, num_hidden_layers=32,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval(), tok
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    with torch.device(device):
+        model = model_cls(cfg_cls(max_position_embeddings=4096, **shape))
+    return model.eval(), _stories_tokenizer(), "config-built, random weights"
 
 
-def load_task(tok, n: int, m: int, length: int) -> tuple[Examples, Examples]:
-    train = load_examples(shared_data("tinystories", "train.txt"), tok, max_length=length, n=n)
-    val = load_examples(shared_data("tinystories", "valid.txt"), tok, max_length=length, n=m)
-    return train, val
+def build_model(name: str, model_path: str | None, device: str = "cpu"):
+    """``(model, tokenizer or None, provenance)``."""
+    if name == "stories260k":
+        model, tok = load_model_and_tokenizer(stories260k_checkpoint())
+        return model, tok, "shared stories260K"
+    if name == "smollm2-135m":
+        path = model_path
+        if path is None:
+            try:
+                from layerif_plugins.models.catalogue import get_entry, local_path
+
+                found = local_path(get_entry("smollm2-135m"))
+                path = str(found) if found is not None else None
+            except ImportError:
+                path = None
+        if path is not None:
+            model, tok = load_model_and_tokenizer(path)
+            return model.eval(), tok, f"real weights ({path})"
+    return config_built(name, device)
 
 
-def best_of(work, repeats: int) -> float:
-    """Minimum wall time of ``repeats`` runs (the least disturbed by other processes)."""
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def load_task(tok, vocab: int, n: int, m: int, length: int, data: str) -> tuple[Examples, Examples, str]:
+    """TinyStories (``data="tinystories"``, or ``"auto"`` when the assets and a tokenizer exist) or random ids."""
+    have = tok is not None and shared_data("tinystories", "train.txt").is_file()
+    if data == "tinystories" or (data == "auto" and have):
+        train = load_examples(shared_data("tinystories", "train.txt"), tok, max_length=length, n=n)
+        val = load_examples(shared_data("tinystories", "valid.txt"), tok, max_length=length, n=m)
+        return train, val, "TinyStories"
+    g = torch.Generator().manual_seed(0)
+    hi = min(vocab, 32000)
+
+    def rand(k: int) -> Examples:
+        return Examples(tuple(tuple(torch.randint(1, hi, (length,), generator=g).tolist()) for _ in range(k)),
+                        "synthetic")
+
+    return rand(n), rand(m), "synthetic ids"
 
 
-def peak_rss_mb() -> float:
+# ----------------------------------------------------------------------------- peak memory
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cell(args: argparse.Namespace) -> dict:
-    """One measurement, in this (fresh) process."""
-    torch.set_num_threads(args.threads)
-    model, tok = build_model(args.model)
-    train, val = load_task(tok, args.n, args.m, args.length)
-    base = peak_rss_mb()
-    out: dict = {"base_rss_mb": base}
-    if args.what == "engine":
-        cfg = InfluenceConfig(params=args.params, batch_size=args.batch_size, show_progress=False)
+def timed(work, device: torch.device) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds of this process (robust to other processes on a shared machine), peak MB."""
+    reset_peak(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0, peak_mb(device)
+
+
+# ----------------------------------------------------------------------------- one cell (own process)
+
+
+def cell(a: argparse.Namespace) -> dict[str, Any]:
+    """Time fwd+bwd and every engine mode alternately in this process; best of ``repeats``."""
+    device = torch.device(a.device)
+    model, tok, provenance = build_model(a.model, a.model_path, a.device)
+    model = model.to(device=device, dtype=getattr(torch, a.dtype))
+    train, val, data = load_task(tok, model.config.vocab_size, a.n, a.m, a.length, a.data)
+    both = Examples(train.input_ids + val.input_ids)
+
+    def fwdbwd() -> None:
+        for batch in batches(both, a.batch_size, 0):
+            batch = batch.to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            per_example_loss(logits, batch.labels).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    extra: dict[str, dict[str, Any]] = {}
+
+    def engine(mode: str):
+        cfg = InfluenceConfig(params=a.params, batch_size=a.batch_size, mode=mode, show_progress=False,
+                              max_factor_memory=a.max_factor_memory)
 
         def work() -> None:
-            compute_influence(model, train, val, 0, cfg)
+            res = compute_influence(model, train, val, 0, cfg)
+            extra[mode] = {"model_batches": res.model_batches, "factor_gb": res.factor_bytes / 1e9}
 
-        out["seconds"] = best_of(work, args.repeats)
-    elif args.what == "fwdbwd":
-        both = Examples(train.input_ids + val.input_ids)
+        return work
 
-        def work() -> None:
-            for batch in batches(both, args.batch_size, 0):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                per_example_loss(logits, batch.labels).sum().backward()
-
-        out["seconds"] = best_of(work, args.repeats)
-    else:  # reference loop on a subset, scaled
-        layers = list(range(min(args.ref_layers, model.config.num_hidden_layers)))
-        sub_train = train.subset(range(min(args.ref_examples, len(train))))
-        sub_val = val.subset(range(min(max(1, args.ref_examples // 2), len(val))))
-        t0 = time.perf_counter()
-        reference_influence(model, sub_train, sub_val, params=args.params, per_layer_passes=True, layers=layers)
-        passes = time.perf_counter() - t0  # includes its (vectorised) maths; dominated by the passes
-        per_pass = passes / ((len(sub_train) + len(sub_val)) * len(layers))
-        # per-pair python-loop maths, timed on a few pairs of real-size gradient vectors for one layer
-        numel = sum(m.weight.numel() for m in model.model.layers[0].self_attn.children()
-                    if isinstance(m, torch.nn.Linear))
-        k = args.ref_pairs
-        g, v = torch.randn(k, numel), torch.randn(1, numel)
-        t0 = time.perf_counter()
-        _influence_one_weight(g, v, 0.1, python_loops=True)
-        per_pair = (time.perf_counter() - t0) / k
-        n_layers = model.config.num_hidden_layers
-        out["seconds"] = per_pass * (args.n + args.m) * n_layers + per_pair * args.n * args.m * n_layers
-        out["measured"] = f"{len(sub_train)}+{len(sub_val)} ex × {len(layers)} layers, {k} pairs"
-    out["peak_rss_mb"] = peak_rss_mb()
+    works = {"fwd+bwd": fwdbwd, **{mode: engine(mode) for mode in a.modes.split(",")}}
+    best: dict[str, list[float]] = {}
+    for _ in range(max(1, a.repeats)):
+        for name, work in works.items():
+            sec, cpu, peak = timed(work, device)
+            old = best.get(name)
+            best[name] = [min(sec, old[0]), max(peak, old[1]), min(cpu, old[2])] if old else [sec, peak, cpu]
+    out: dict[str, Any] = {"provenance": provenance, "data": data, "tokens": both.num_tokens,
+                           "threads": torch.get_num_threads(),
+                           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "n_params": sum(p.numel() for p in model.parameters()),
+                           "results": {k: {"seconds": v[0], "peak_mb": v[1], "cpu_seconds": v[2], **extra.get(k, {})}
+                                       for k, v in best.items()}}
+    if a.reference:
+        out["reference"] = reference_cell(model, train, val, a)
     return out
 
 
-def run_cell(what: str, model: str, n: int, m: int, a: argparse.Namespace) -> dict:
-    repeats = a.repeats if model == "stories260K" or n <= 64 else 1
-    cmd = [sys.executable, __file__, "--_cell", what, "--model", model, "--n", str(n), "--m", str(m),
-           "--repeats", str(repeats),
-           "--length", str(a.length), "--batch-size", str(a.batch_size), "--params", a.params,
-           "--threads", str(a.threads), "--ref-examples", str(a.ref_examples), "--ref-layers", str(a.ref_layers),
+def reference_cell(model, train: Examples, val: Examples, a: argparse.Namespace) -> dict[str, Any]:
+    """The published loop structure on a subset, scaled linearly to n, m and all layers."""
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(min(a.ref_layers, n_layers)))
+    sub_train = train.subset(range(min(a.ref_examples, len(train))))
+    sub_val = val.subset(range(min(max(1, a.ref_examples // 2), len(val))))
+    t0 = time.perf_counter()
+    reference_influence(model, sub_train, sub_val, params=a.params, per_layer_passes=True, layers=layers)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    per_pass = (time.perf_counter() - t0) / ((len(sub_train) + len(sub_val)) * len(layers))
+    numel = sum(t.module.weight.numel() for t in block_linears(model, a.params) if t.layer == 0)
+    g, v = torch.randn(a.ref_pairs, numel), torch.randn(1, numel)
+    t0 = time.perf_counter()
+    _influence_one_weight(g, v, 0.1, python_loops=True)
+    per_pair = (time.perf_counter() - t0) / a.ref_pairs
+    seconds = per_pass * (len(train) + len(val)) * n_layers + per_pair * len(train) * len(val) * n_layers
+    return {"seconds": seconds, "measured": f"{len(sub_train)}+{len(sub_val)} ex × {len(layers)} layers, "
+                                            f"{a.ref_pairs} pairs"}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_cell(model: str, n: int, m: int, length: int, a: argparse.Namespace, env: dict[str, str],
+             reference: bool = False) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--_cell", "--model", model, "--n", str(n), "--m", str(m),
+           "--lengths", str(length), "--repeats", str(a.repeats), "--batch-size", str(a.batch_size),
+           "--params", a.params, "--modes", a.modes, "--device", a.device, "--dtype", a.dtype, "--data", a.data,
+           "--ref-examples", str(a.ref_examples), "--ref-layers", str(a.ref_layers),
            "--ref-pairs", str(a.ref_pairs)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if a.model_path:
+        cmd += ["--model-path", a.model_path]
+    if a.max_factor_memory:
+        cmd += ["--max-factor-memory", a.max_factor_memory]
+    if reference:
+        cmd.append("--reference")
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
-        raise SystemExit(f"cell {what} {model} n={n} failed:\n{res.stderr[-3000:]}")
+        raise SystemExit(f"cell {model} n={n} T={length} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class BusyLoad:
+    """``procs`` busy-loop Python processes competing for the CPUs, started and stopped by us."""
+
+    def __init__(self, procs: int):
+        self.procs = procs
+        self.children: list[subprocess.Popen] = []
+
+    def __enter__(self) -> BusyLoad:
+        for _ in range(self.procs):
+            self.children.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.wait(timeout=10)
+
+
+def rows_of(res: dict[str, Any], label: str, n: int, length: int) -> list[list[Any]]:
+    results = res["results"]
+    fb, fb_cpu = results["fwd+bwd"]["seconds"], results["fwd+bwd"]["cpu_seconds"]
+    rows = []
+    for mode, r in results.items():
+        rows.append([label, mode, n, length, r["seconds"], fb, r["seconds"] / fb, r["cpu_seconds"] / fb_cpu,
+                     res["tokens"] / r["seconds"], r["peak_mb"], r.get("model_batches", ""),
+                     f"{r['factor_gb']:.2f}" if "factor_gb" in r else ""])
+    return rows
+
+
+HEADER = ["condition", "mode", "n", "T", "s", "fwd+bwd s", "ratio to fwd+bwd", "CPU-time ratio", "tokens/s",
+          "peak MB",
+          "model batches", "factors GB"]
+
+
+def uptime() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="n = 32 only, small reference subset")
-    p.add_argument("--models", default="stories260K,llama32x256")
-    p.add_argument("--ns", default="32,64,128,256")
-    p.add_argument("--m", type=int, default=64)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="stories260k, n = 32, T = 128 (a smoke run)")
+    p.add_argument("--models", default="smollm2-135m,stories260k,llama32x256", help=f"from {MODEL_NAMES}")
+    p.add_argument("--model-path", default=None, help="HF directory for smollm2-135m (else catalogue / config)")
+    p.add_argument("--ns", default="32,64,128")
+    p.add_argument("--lengths", default="128,256")
+    p.add_argument("--m", type=int, default=None, help="validation examples (default n/4, at least 8)")
+    p.add_argument("--modes", default="four-pass,one-pass")
+    p.add_argument("--max-factor-memory", default=None, help="one-pass budget (default: half the free memory)")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--params", default="attn")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ref-examples", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--data", default="auto", choices=["auto", "tinystories", "synthetic"])
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: available CPUs)")
+    p.add_argument("--repeats", type=int, default=1, help="best-of-R, timed alternately in one process")
+    p.add_argument("--load-rows", action="store_true", help="add rows under a synthetic competing load")
+    p.add_argument("--load-procs", type=int, default=None, help="busy-loop processes (default: available CPUs)")
+    p.add_argument("--load-n", type=int, default=16, help="n of the load rows (first model, first T)")
+    p.add_argument("--reference", action="store_true", help="time the published loop structure, scaled")
+    p.add_argument("--ref-examples", type=int, default=4)
     p.add_argument("--ref-layers", type=int, default=2)
-    p.add_argument("--ref-pairs", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="best-of-R timing (deep model: R=1 above n=64)")
+    p.add_argument("--ref-pairs", type=int, default=16)
     p.add_argument("--out", default=str(REPO / "bench_out" / "engine.md"))
-    p.add_argument("--_cell", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_cell", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._cell:
-        a.what = a._cell
+        a.length = int(a.lengths)
         print(json.dumps(cell(a)))
         return
+    models = ["stories260k"] if a.quick else [x.strip().lower() for x in a.models.split(",")]
+    bad = [x for x in models if x not in MODEL_NAMES]
+    if bad:
+        raise SystemExit(f"unknown model(s) {bad}; choose from {MODEL_NAMES}")
     ns = [32] if a.quick else [int(x) for x in a.ns.split(",")]
-    if a.quick:
-        a.ref_examples, a.ref_pairs = 4, 16
-    sections = [f"# LayerIF engine benchmark\n\nCPU threads {a.threads}, params={a.params}, {a.length}-token "
-                f"TinyStories examples, m={a.m} validation examples, batch size {a.batch_size}. Reference = the "
-                "published code's loop structure, measured on a subset and scaled (see 'reference measured on').\n"]
-    for model in a.models.split(","):
-        rows = []
-        for n in ns:
-            eng = run_cell("engine", model, n, a.m, a)
-            ref = run_cell("reference", model, n, a.m, a)
-            fb = run_cell("fwdbwd", model, n, a.m, a)
-            rows.append([n, a.m, eng["seconds"], ref["seconds"], ref["seconds"] / eng["seconds"], fb["seconds"],
-                         eng["seconds"] / fb["seconds"], eng["peak_rss_mb"], fb["peak_rss_mb"], ref["measured"]])
-            print(f"{model} n={n}: engine {eng['seconds']:.2f}s, reference (scaled) {ref['seconds']:.1f}s, "
-                  f"fwd+bwd {fb['seconds']:.2f}s", flush=True)
-        header = ["n", "m", "engine s", "reference s (scaled)", "speed-up", "fwd+bwd s", "engine / fwd+bwd",
-                  "engine peak RSS MB", "fwd+bwd peak RSS MB", "reference measured on"]
-        sections.append(f"## {model}\n\n" + markdown_table(header, rows) + "\n")
+    lengths = [128] if a.quick else [int(x) for x in a.lengths.split(",")]
+    cpus = available_cpus()
+    env_defaults = threads_env(a.threads or cpus, "PASSIVE")
+    sections = [f"# LayerIF engine benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')} UTC, device {a.device} "
+                f"({a.dtype}), params={a.params}, batch size {a.batch_size}, m = n/4 validation examples "
+                f"(at least 8) unless --m, best of {a.repeats}; `ratio` = engine s / plain batched fwd+bwd s "
+                "over the same n + m examples, timed alternately in one process; `CPU-time ratio` = the same with this "
+                "process's CPU seconds (robust to other load on a shared machine). Thread defaults: "
+                f"OMP_WAIT_POLICY=PASSIVE, {a.threads or cpus} intra-op threads.\n"]
+    for model in models:
+        rows, notes = [], []
+        for length in lengths:
+            for n in ns:
+                m = a.m or max(8, n // 4)
+                before = uptime()
+                res = run_cell(model, n, m, length, a, env_defaults,
+                               reference=a.reference and n == ns[-1])
+                rows += rows_of(res, "no added load", n, length)
+                if "reference" in res:
+                    ref = res["reference"]
+                    rows.append(["no added load", "published loop (scaled)", n, length, ref["seconds"],
+                                 res["results"]["fwd+bwd"]["seconds"],
+                                 ref["seconds"] / res["results"]["fwd+bwd"]["seconds"], "",
+                                 res["tokens"] / ref["seconds"], "", "", ""])
+                    notes.append(f"published loop measured on {ref['measured']} (n={n}, T={length}), scaled")
+                notes.append(f"n={n} T={length}: {before} before, {uptime()} after")
+                print(markdown_table(HEADER, rows[-3:]), flush=True)
+        info = (f"{res['provenance']}, {res['n_params'] / 1e6:.1f}M parameters, {res['data']}, "
+                f"{res['threads']} threads, {res['device']}")
+        sections.append(f"## {model} ({info})\n\n" + markdown_table(HEADER, rows) + "\n\n"
+                        + "\n".join(f"- {x}" for x in notes) + "\n")
+    if a.load_rows:
+        sections.append(load_section(models[0], lengths[0], a, cpus, env_defaults))
     text = "\n".join(sections)
     print(text)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+
+
+def load_section(model: str, length: int, a: argparse.Namespace, cpus: int, env_defaults: dict[str, str]) -> str:
+    """Idle vs under a busy-loop load, without and with the thread defaults (same cell, same n)."""
+    n, m = a.load_n, a.m or max(8, a.load_n // 4)
+    procs = a.load_procs or cpus
+    plain_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    rows: list[list[Any]] = []
+    notes = []
+    rows += rows_of(run_cell(model, n, m, length, a, env_defaults), "idle, defaults", n, length)
+    notes.append(f"idle: {uptime()}")
+    with BusyLoad(procs):
+        rows += rows_of(run_cell(model, n, m, length, a, plain_env), "load, no defaults", n, length)
+        notes.append(f"load, no defaults: {uptime()}")
+        rows += rows_of(run_cell(model, n, m, length, a, env_defaults), "load, defaults", n, length)
+        notes.append(f"load, defaults: {uptime()}")
+    return (f"## Under a competing load: {model}, {procs} busy-loop processes on {cpus} CPUs\n\n"
+            "`no defaults` = the user's environment (OpenMP's default wait policy, torch's default threads); "
+            "`defaults` = `threads_env()`: OMP_WAIT_POLICY=PASSIVE.\n\n"
+            + markdown_table(HEADER, rows) + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ order and seeds; only where the experts sit differs:
 * ``mola-2468`` — MoLA's increasing layout, scaled to ``T``;
 * ``alphalora`` — AlphaLoRA: Hill-α of each layer's weights (the ``alpha_hill`` scorer), their rounding;
 * ``layerif``   — LayerIF scores of the model on the adaptation task's own train → validation
-  split (``score_layers(model, "layerif", ...)``), METHOD.md §2a.
+  split (``score_layers(model, "layerif", ...)``), docs/method.md §2a.
 
 The Shakespeare speeches are split once (seeded) into disjoint train / validation (used only
 for LayerIF scoring) / test parts. Reported: held-out mean token loss and perplexity on the
@@ -39,7 +39,7 @@ from tqdm import tqdm  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from layerif_plugins.data import Examples, collate, pad_id_of, read_records  # noqa: E402
+from layerif_plugins.data import Examples, pad_id_of, read_records  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
 from layerif_plugins.integrations.peft_moe.build import built_layout, get_moe_model, moe_layout  # noqa: E402
 from layerif_plugins.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -47,7 +47,7 @@ from layerif_plugins.models import load_model_and_tokenizer  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
 from layerif_plugins.report import markdown_table  # noqa: E402
 from layerif_plugins.scorers import SCORERS, ScoringData, score_layers  # noqa: E402
-from layerif_plugins.training import heldout_loss  # noqa: E402
+from layerif_plugins.training import TrainConfig, heldout_loss, train_adapter  # noqa: E402
 
 LAYOUTS = ("uniform", "mola-2468", "alphalora", "layerif")
 
@@ -103,27 +103,10 @@ def split_task(path: str, tok, args: argparse.Namespace) -> dict[str, Examples]:
 
 
 def train(model, examples: Examples, pad: int, args: argparse.Namespace, seed: int) -> list[float]:
-    """AdamW on the trainable parameters, seeded batch order; returns the per-step training losses."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
-    model.train()
-    losses = []
-    perm: list[int] = []
-    for _ in range(args.steps):
-        if len(perm) < args.batch_size:
-            perm += torch.randperm(len(examples), generator=gen).tolist()
-        idx, perm = perm[: args.batch_size], perm[args.batch_size:]
-        b = collate(examples, idx, pad)
-        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    """The package's one training loop (AdamW, linear decay, seeded batch order); the per-step losses."""
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                         lr_scheduler="linear")
+    return train_adapter(model, examples, pad, config, show_progress=False)["losses"]
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,5 +1,5 @@
 import sys
 
-from layerif_plugins.cli import main
+from layerif_plugins.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -1,11 +1,11 @@
 """``LayerScores``: the one interchange file between scorers and adapters.
 
-A versioned JSON document: per-layer scores (layer 0 first; higher = less well-trained
-layer = more sparsity / more experts), the method and its parameters, fingerprints of
-the model and the data, optional per-module and per-example detail, library versions
-and a creation time. Scores are expensive and reusable: compute once, allocate many
-times. :meth:`LayerScores.check_model` refuses a file computed for another model and
-names the field that differs.
+A versioned JSON document: per-layer scores (layer 0 first), what a high score means
+(:class:`ScoreDirection`, the one thing the allocators read), the method and its
+parameters, fingerprints of the model and the data, optional per-module and per-example
+detail, library versions and a creation time. Scores are expensive and reusable: compute
+once, allocate many times. :meth:`LayerScores.check_model` refuses a file computed for
+another model and names the field that differs.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import math
 import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -27,6 +28,85 @@ from layerif_plugins.models import ModelFingerprint, fingerprint
 
 FORMAT_VERSION = 1
 _VERSIONED_PACKAGES = ("layerif-plugins", "torch", "transformers", "llmcompressor", "peft", "lm_eval")
+
+
+class ScoreDirection(StrEnum):
+    """What a high score means, so that every allocator reads one field instead of a method name.
+
+    * ``HIGHER_PRUNES`` — a high score marks a less well-trained or more redundant layer
+      (LayerIF, AlphaPruning's α, 1 − Block Influence, angular distance): more sparsity,
+      more LoRA experts, dropped first, adapted first.
+    * ``HIGHER_PROTECTS`` — a high score marks a layer to protect (OWL's outlier ratio):
+      less sparsity (OWL's own mapping), dropped last, adapted last.
+    * ``LOWER_ADAPTS`` — a low score marks a task-specialised layer (hidden-state
+      variability ν): the lowest are adapted; sparsity and dropping as ``HIGHER_PRUNES``.
+
+    Scorers declare theirs at registration (``register_scorer(..., direction=...)``); the
+    value is stored in the file as ``"direction"``.
+    """
+
+    HIGHER_PRUNES = "higher_prunes"
+    HIGHER_PROTECTS = "higher_protects"
+    LOWER_ADAPTS = "lower_adapts"
+
+    @property
+    def sparsity_mapping(self) -> Literal["layerwise", "owl"]:
+        """``owl`` (OWL's inverse mapping) for protect scores, else ``layerwise`` (docs/method.md §2b)."""
+        return "owl" if self is ScoreDirection.HIGHER_PROTECTS else "layerwise"
+
+    @property
+    def adapt_end(self) -> Literal["highest", "lowest"]:
+        """Which end of the scores marks the layers to fine-tune."""
+        return "highest" if self is ScoreDirection.HIGHER_PRUNES else "lowest"
+
+    @property
+    def drop_end(self) -> Literal["highest", "lowest"]:
+        """Which end of the scores marks the layers to remove."""
+        return "lowest" if self is ScoreDirection.HIGHER_PROTECTS else "highest"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+    @classmethod
+    def parse(cls, value: ScoreDirection | str, source: str = "direction") -> ScoreDirection:
+        """The member named by ``value`` (its value string); refuses anything else, naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ScoresError(
+                f"{source}: unknown score direction {value!r}; one of {[d.value for d in cls]}"
+            ) from None
+
+
+_DESCRIPTIONS = {
+    ScoreDirection.HIGHER_PRUNES: "less well-trained (more sparsity, more experts)",
+    ScoreDirection.HIGHER_PROTECTS: "better-trained layer to protect (LESS sparsity: allocate with owl_sparsity)",
+    ScoreDirection.LOWER_ADAPTS: "less task-specialised (layer selection adapts the lowest)",
+}
+
+#: Directions of the methods whose files predate the ``direction`` field (format_version 1
+#: files written before it, and ``LayerScores`` built without one); every other method is
+#: ``HIGHER_PRUNES``. New scorers declare their direction at registration instead.
+_LEGACY_DIRECTIONS: dict[str, ScoreDirection] = {
+    "owl": ScoreDirection.HIGHER_PROTECTS,
+    "variability": ScoreDirection.LOWER_ADAPTS,
+}
+
+
+def direction_of_method(method: str) -> ScoreDirection:
+    """The direction of a method's scores when a file or caller does not state it (see ``_LEGACY_DIRECTIONS``)."""
+    return _LEGACY_DIRECTIONS.get(method, ScoreDirection.HIGHER_PRUNES)
+
+
+def as_direction(value: ScoreDirection | str) -> ScoreDirection:
+    """A :class:`ScoreDirection` from itself, its value (``"higher_protects"``) or a method name (``"owl"``)."""
+    if isinstance(value, ScoreDirection):
+        return value
+    try:
+        return ScoreDirection(value)
+    except ValueError:
+        return direction_of_method(value)
 
 
 def library_versions() -> dict[str, str]:
@@ -52,8 +132,10 @@ class LayerScores:
         per_module: optional score per linear module (full dotted names).
         per_example: optional per-example detail, e.g. LayerIF's ``s_i^l`` (n × L).
         extras: method-specific arrays (e.g. angular distances for every start layer).
-        higher_is: what a high score means; allocation treats the higher score as the
-            layer that should receive more sparsity / more experts.
+        direction: what a high score means (:class:`ScoreDirection`), read by every
+            allocator; ``None`` → derived from ``method`` (:func:`direction_of_method`).
+        higher_is: the same in words, for people (a scorer may be more specific); ``None``
+            → the direction's description.
     """
 
     scores: list[float]
@@ -64,12 +146,17 @@ class LayerScores:
     per_module: dict[str, float] | None = None
     per_example: list[list[float]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-    higher_is: str = "less well-trained (more sparsity, more experts)"
+    direction: ScoreDirection | None = None
+    higher_is: str | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        self.direction = (direction_of_method(self.method) if self.direction is None
+                          else ScoreDirection.parse(self.direction))
+        if self.higher_is is None:
+            self.higher_is = self.direction.description
         self.scores = [float(s) for s in self.scores]
         if len(self.scores) != self.model.num_layers:
             raise ScoresError(
@@ -91,6 +178,7 @@ class LayerScores:
             "method": self.method,
             "params": self.params,
             "scores": self.scores,
+            "direction": self.direction.value,
             "higher_is": self.higher_is,
             "model": self.model.to_dict(),
             "data": self.data,
@@ -125,7 +213,8 @@ class LayerScores:
             per_module=d.get("per_module"),
             per_example=d.get("per_example"),
             extras=d.get("extras") or {},
-            higher_is=d.get("higher_is", cls.higher_is),
+            direction=ScoreDirection.parse(d["direction"], source) if d.get("direction") is not None else None,
+            higher_is=d.get("higher_is"),
             versions=d.get("versions") or {},
             created=d.get("created", ""),
             format_version=version,

@@ -20,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: a second intra-op thread only adds synchronisation (measured 2-4x slower
 # for oneshot and scoring when the cores are shared), and one thread keeps timings stable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# waiting OpenMP threads sleep instead of spinning (engine/threads.py); inherited by `layerif` subprocesses
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

@@ -156,3 +156,20 @@ def test_dispatch_by_method():
     assert lay[0] < lay[2]  # opposite directions
     assert sparsity_from_scores(scores, "owl", None, 0.6, 0.05)[0] > sparsity_from_scores(
         scores, "owl", None, 0.6, 0.05)[2]
+
+
+def test_dispatch_by_direction():
+    """The mapping follows the scores' direction; a method name is read as its scorer's direction."""
+    from layerif_plugins.allocate.sparsity import ALLOCATIONS, REFERENCE_EPSILON, default_epsilon
+    from layerif_plugins.scores import ScoreDirection
+
+    scores = [1.0, 2.0, 3.0]
+    assert sparsity_from_scores(scores, ScoreDirection.HIGHER_PROTECTS, None, 0.6, 0.05) == owl_sparsity(
+        scores, 0.6, 0.05)
+    assert sparsity_from_scores(scores, "higher_protects", None, 0.6, 0.05) == owl_sparsity(scores, 0.6, 0.05)
+    for direction in (ScoreDirection.HIGHER_PRUNES, ScoreDirection.LOWER_ADAPTS, "variability", "alpha_hill"):
+        assert sparsity_from_scores(scores, direction, [1, 2, 3], 0.6, 0.05) == layerwise_sparsity(
+            scores, [1, 2, 3], 0.6, 0.05)
+    # one list of allocation names, with each reference's spread
+    assert ALLOCATIONS == ("layerif", "owl", "alpha_hill", "uniform") == tuple(REFERENCE_EPSILON)
+    assert [default_epsilon(a) for a in ALLOCATIONS] == [0.1, 0.08, 0.2, 0.0]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
+
+import pytest
 
 from layerif_plugins.cli import main
 
@@ -60,8 +63,6 @@ def test_score_variability_from_labelled_jsonl(tmp_path, stories_bin, tinystorie
 
 
 def test_top_level_help_lists_every_command(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
@@ -69,3 +70,122 @@ def test_top_level_help_lists_every_command(capsys):
     for command in ("convert", "score", "show", "demo", "prune", "moe", "finetune", "drop", "heal",
                     "select-layers", "eval", "vllm-check"):
         assert command in out
+
+
+# ----------------------------------------------------------------------------- options from the config dataclasses
+
+
+def _subparser(name: str):
+    from layerif_plugins.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return parser, sub.choices[name]
+
+
+def test_score_options_come_from_influence_config():
+    import dataclasses
+
+    from layerif_plugins.cli.score import INFLUENCE_OPTIONS
+    from layerif_plugins.engine import InfluenceConfig
+
+    parser, score = _subparser("score")
+    base = ["score", "--model", "m", "--out", "o.json"]
+    args = parser.parse_args(base)
+    # every field but show_progress (that is --quiet) is an option, and the defaults are the dataclass's
+    flags = {opt for a in score._actions for opt in a.option_strings}
+    fields = [f.name for f in dataclasses.fields(InfluenceConfig) if f.name != "show_progress"]
+    assert all(f"--{f.replace('_', '-')}" in flags for f in fields)
+    assert INFLUENCE_OPTIONS.build(args) == InfluenceConfig()
+    assert INFLUENCE_OPTIONS.build(args, show_progress=not args.quiet) == InfluenceConfig(show_progress=True)
+    # the historical names and values still parse, into the config's types
+    args = parser.parse_args([*base, "--params", "mlp", "--damping", "0.25", "--batch-size", "3", "--pairwise",
+                              "--grad-mode", "ghost", "--max-tokens-per-batch", "256", "--checkpoint-dir", "ck",
+                              "--gradient-checkpointing", "--quiet"])
+    cfg = INFLUENCE_OPTIONS.build(args, show_progress=not args.quiet)
+    assert cfg == dataclasses.replace(InfluenceConfig(), params="mlp", damping=0.25, batch_size=3, pairwise=True,
+                                      grad_mode="ghost", max_tokens_per_batch=256, checkpoint_dir="ck",
+                                      gradient_checkpointing=True, show_progress=False)
+    assert isinstance(cfg.damping, float) and isinstance(cfg.batch_size, int)
+    with pytest.raises(SystemExit):  # a Literal field keeps its choices
+        parser.parse_args([*base, "--grad-mode", "fastest"])
+
+
+def test_heal_drop_finetune_options_come_from_their_configs():
+    from layerif_plugins.cli.drop import heal_options
+    from layerif_plugins.cli.finetune import TRAIN_OPTIONS
+    from layerif_plugins.depth.heal import HealConfig
+    from layerif_plugins.training import TrainConfig
+
+    parser, _ = _subparser("heal")
+    args = parser.parse_args(["heal", "--model", "m", "--data", "d.txt", "--steps", "7", "--out", "o"])
+    assert heal_options("").build(args) == HealConfig(steps=7)
+    args = parser.parse_args(["heal", "--model", "m", "--data", "d.txt", "--steps", "7", "--out", "o",
+                              "--lr", "0.01", "--rank", "4", "--alpha", "8", "--batch-size", "2", "--params", "all",
+                              "--seed", "3"])
+    assert heal_options("").build(args) == HealConfig(steps=7, lr=0.01, r=4, lora_alpha=8, batch_size=2,
+                                                      params="all", seed=3)
+    drop = ["drop", "--model", "m", "--n-layers", "1", "--by", "last", "--out", "o"]
+    args = parser.parse_args([*drop, "--heal-steps", "5", "--heal-rank", "2", "--heal-alpha", "4"])
+    assert heal_options().build(args) == HealConfig(steps=5, r=2, lora_alpha=4)
+    assert parser.parse_args(drop).heal_lr == HealConfig().lr and parser.parse_args(drop).heal_steps == 0
+    ft = ["finetune", "--model", "m", "--adapter", "a", "--train", "t.txt", "--out", "o"]
+    assert TRAIN_OPTIONS.build(parser.parse_args(ft)) == TrainConfig()
+    args = parser.parse_args([*ft, "--max-steps", "12", "--epochs", "2", "--lr", "0.002", "--grad-accum", "2",
+                              "--warmup-ratio", "0.1", "--gradient-checkpointing"])
+    assert TRAIN_OPTIONS.build(args) == TrainConfig(max_steps=12, epochs=2.0, lr=0.002, grad_accum=2,
+                                                    warmup_ratio=0.1, gradient_checkpointing=True)
+
+
+def test_config_options_generator_handles_every_scalar_kind():
+    import argparse
+    from dataclasses import dataclass, field
+
+    from layerif_plugins.cli.common import ConfigOptions
+
+    @dataclass
+    class Cfg:
+        """A config.
+
+        Args:
+            mode: how to run; ``"a"`` or ``"b"``.
+            budget: bytes or a size
+                such as 4GB.
+        """
+
+        mode: Literal["a", "b"] = "a"
+        budget: int | str | None = None
+        ratio: float = 0.5
+        count: int | None = None
+        name: str = "x"
+        fast: bool = False
+        progress: bool = True
+        tags: list[str] = field(default_factory=list)  # no command-line form: left out
+        note: str = field(default="", metadata={"help": "from the metadata"})
+
+    options = ConfigOptions(Cfg, prefix="c-")
+    p = argparse.ArgumentParser()
+    options.add_to(p)
+    assert options.build(p.parse_args([])) == Cfg()
+    args = p.parse_args(["--c-mode", "b", "--c-budget", "4GB", "--c-ratio", "1", "--c-count", "3", "--c-name", "y",
+                         "--c-fast", "--c-no-progress"])
+    assert options.build(args) == Cfg(mode="b", budget="4GB", ratio=1.0, count=3, name="y", fast=True,
+                                      progress=False)
+    assert options.build(p.parse_args(["--c-budget", "1024"])).budget == 1024
+    helps = {a.dest: a.help for a in p._actions}
+    assert helps["c_budget"].startswith("bytes or a size such as 4GB") and helps["c_note"] == "from the metadata"
+    assert "c_tags" not in helps
+
+
+def test_allocation_and_layout_choices_have_one_source():
+    from layerif_plugins.allocate.experts import LAYOUTS
+    from layerif_plugins.allocate.layers import DROP_RULES
+    from layerif_plugins.allocate.sparsity import ALLOCATIONS
+    from layerif_plugins.integrations.llmcompressor import ALLOCATIONS as MODIFIER_ALLOCATIONS
+
+    choices = {}
+    for name, dest in (("prune", "allocation"), ("moe", "layout"), ("drop", "by")):
+        _, p = _subparser(name)
+        choices[name] = tuple(next(a for a in p._actions if a.dest == dest).choices)
+    assert choices == {"prune": ALLOCATIONS, "moe": LAYOUTS, "drop": DROP_RULES}
+    assert MODIFIER_ALLOCATIONS is ALLOCATIONS

@@ -306,6 +306,25 @@ def test_selection_rules_hand_values():
         layers_to_drop(ang, 3)
 
 
+def test_selection_follows_the_stored_direction_not_the_method():
+    """The rules read ``LayerScores.direction``: the same numbers under another direction pick the other end."""
+    from layerif_plugins.scores import ScoreDirection
+
+    model = _tiny_llama()
+    values = [3.0, 1.0, 5.0, 2.0]
+    prunes = LayerScores(scores=values, method="my_scorer", model=fingerprint(model),
+                         direction=ScoreDirection.HIGHER_PRUNES)
+    adapts_low = LayerScores(scores=values, method="my_scorer", model=fingerprint(model),
+                             direction=ScoreDirection.LOWER_ADAPTS)
+    protects = LayerScores(scores=values, method="my_scorer", model=fingerprint(model),
+                           direction=ScoreDirection.HIGHER_PROTECTS)
+    assert layers_to_adapt(prunes, 2) == [0, 2] and layers_to_drop(prunes, 1) == [2]
+    assert layers_to_adapt(adapts_low, 2) == [1, 3] and layers_to_drop(adapts_low, 1) == [2]
+    # protect scores (OWL: more outliers = better trained): the fewest go first, whichever way
+    assert layers_to_adapt(protects, 2) == [1, 3] and layers_to_drop(protects, 1) == [1]
+    assert layers_to_adapt(protects, 2, rule="highest") == [0, 2]  # an explicit rule still wins
+
+
 @pytest.mark.parametrize("k", [0, -1, 4, 5])
 def test_k_out_of_range(k):
     with pytest.raises(AllocationError, match=f"cannot (drop|adapt) {k}"):

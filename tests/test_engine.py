@@ -139,3 +139,28 @@ def test_task_specific_profiles(stories, tinystories_train, tinystories_valid, s
     a, b = a / a.sum(), b / b.sum()
     assert float((a - b).abs().max()) > 0.02
     assert torch.argsort(a).tolist() != torch.argsort(b).tolist()
+
+
+def test_thread_defaults_respect_the_user(monkeypatch):
+    """PASSIVE and all available CPUs unless the user chose; in-process the policy only reaches subprocesses."""
+    from layerif_plugins.engine.threads import available_cpus, configure_threads, threads_env
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        s = configure_threads()
+        assert (s.wait_policy, s.wait_policy_source, s.num_threads_source) == ("PASSIVE", "default", "default")
+        assert s.num_threads == available_cpus() == torch.get_num_threads()
+        assert not s.wait_policy_effective  # torch (and its OpenMP runtime) was loaded before
+        monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        s = configure_threads()
+        assert (s.wait_policy, s.num_threads, s.num_threads_source) == ("ACTIVE", 1, "OMP_NUM_THREADS")
+        assert s.wait_policy_effective
+        assert configure_threads(num_threads=1, wait_policy="passive").wait_policy_source == "argument"
+        assert threads_env(2, "PASSIVE", base={})["OMP_WAIT_POLICY"] == "PASSIVE"
+        with pytest.raises(ConfigError, match="wait_policy"):
+            configure_threads(wait_policy="spin")
+    finally:
+        torch.set_num_threads(before)

@@ -281,3 +281,48 @@ def test_selected_layers_drive_a_real_lora_config(stories, tmp_path, capsys):
     assert LoraConfig(**snippet["lora_config"]).layers_to_transform == [1, 3]
     assert main(["select-layers", "--scores", str(tmp_path / "s.json"), "--k", "5"]) == 2
     assert "cannot adapt 5 of 5" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the one training loop
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_one_training_loop_heal_and_moe_are_seeded(stories_dir, tinystories_train, tinystories_valid):
+    """Healing (plain LoRA) and LoRA-MoE fine-tuning run through ``training.train_adapter``: same seed,
+    same curve; the loss falls; the MoE run records its router load-balancing loss, a plain LoRA none."""
+    from layerif_plugins.allocate.experts import expert_layout
+    from layerif_plugins.depth.heal import HealConfig, heal
+    from layerif_plugins.integrations.peft_moe.build import get_moe_model
+    from layerif_plugins.models import load_model_and_tokenizer
+    from layerif_plugins.training import TrainConfig, heldout_loss, train_adapter
+
+    def fresh():
+        return load_model_and_tokenizer(stories_dir, device="cpu")
+
+    model, tok = fresh()
+    pad = pad_id_of(tok)
+    train = load_examples(tinystories_train, tok, max_length=48, n=24)
+    val = load_examples(tinystories_valid, tok, max_length=48, n=8)
+    cfg = HealConfig(steps=4, lr=2e-3, batch_size=4, seed=3)
+    drop_layers(model, [4])
+    a = heal(model, train, pad, cfg, merge=True)
+    other, _ = fresh()
+    drop_layers(other, [4])
+    b = heal(other, train, pad, cfg, merge=True)
+    assert len(a.losses) == 4 and a.losses == b.losses
+    assert cfg.train_config().lr_scheduler == "constant" and cfg.train_config().max_steps == 4
+
+    curves = []
+    for _ in range(2):
+        base, _ = fresh()
+        torch.manual_seed(0)
+        pm = get_moe_model(base, expert_layout("uniform", 5, 10), r=2, lora_alpha=4)
+        before = heldout_loss(pm, val, pad)["loss"]
+        metrics = train_adapter(pm, train, pad, TrainConfig(max_steps=6, batch_size=4, lr=3e-3, seed=1),
+                                show_progress=False)
+        curves.append(metrics["losses"])
+        assert metrics["global_step"] == 6 and len(metrics["router_aux_losses"]) == 6
+        assert all(x > 0 for x in metrics["router_aux_losses"])
+        assert heldout_loss(pm, val, pad)["loss"] < before
+    assert curves[0] == curves[1]

@@ -56,6 +56,21 @@ def _moe_modules(peft_model):
 # ----------------------------------------------------------------------------- structure
 
 
+def test_projection_names_come_from_the_family_table(stories):
+    """One list of PEFT targets per family (models.families.FAMILIES); the tuner's mapping derives from it."""
+    from layerif_plugins.integrations.peft_moe.model import LoraMoeModel
+    from layerif_plugins.models.families import FAMILIES, peft_targets
+
+    model, _ = stories
+    assert peft_targets(model) == list(LLAMA_PROJECTIONS) == list(FAMILIES["llama"].peft_targets)
+    assert sorted(LoraMoeConfig().target_modules) == sorted(LLAMA_PROJECTIONS)
+    assert LoraMoeModel.target_module_mapping["llama"] == list(LLAMA_PROJECTIONS)
+    assert LoraMoeModel.target_module_mapping["gpt2"] == ["c_attn", "c_proj", "c_fc"]
+    # every listed name is a linear leaf of the stories260K (Llama) blocks
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(peft_targets(model)) <= leaves
+
+
 def test_wrapped_model_has_exact_experts_and_top_k(stories):
     model, _ = stories
     layout = _layout()

@@ -136,3 +136,92 @@ def test_demo_end_to_end_small(tmp_path: Path):
     ref = perplexity(*load_model_and_tokenizer(out / "models" / "dense"), out / "data" / "tinystories_heldout.txt")
     assert dense == pytest.approx(ref.word_perplexity, rel=0.01)
     assert f"{dense:.4g}" in report
+
+
+# ----------------------------------------------------------------------------- the demo pipeline (configuration)
+
+
+def test_demo_config_builds_the_steps():
+    """`layerif demo` is a DemoConfig; another model / tasks / sparsities is another config, same code."""
+    from layerif_plugins.paths import shared_data
+    from layerif_plugins.pipelines.demo import DemoTask, model_label, parse_sparsities, steps, stories260k_config
+
+    cfg = stories260k_config()
+    assert [t.name for t in cfg.tasks] == ["tinystories", "shakespeare"] and cfg.scores_task.name == "tinystories"
+    assert cfg.sparsities == (0.3, 0.5, 0.7) and cfg.allocations == ("uniform", "owl", "layerif")
+    assert (cfg.spread("owl"), cfg.spread("layerif")) == (0.08, 0.1)
+    s = steps(cfg)
+    assert s[:3] == ["convert", "score layerif on tinystories", "score layerif on shakespeare"]
+    assert s[3:12] == [f"prune {model_label(x, a)}" for x in (0.3, 0.5, 0.7) for a in ("uniform", "owl", "layerif")]
+    assert s[12] == "evaluate dense" and s[-1] == "vLLM dir check wanda70-layerif" and len(s) == 3 + 9 + 10 + 10
+    assert steps(stories260k_config(skip_prune=True)) == ["convert", "score layerif on tinystories",
+                                                          "score layerif on shakespeare", "evaluate dense",
+                                                          "vLLM dir check dense"]
+    assert steps(stories260k_config(sparsities=(0.5,), allocations=("uniform",), depth_methods=("angular", "last"),
+                                    depth_k=2, vllm_check=False)) == [
+        "convert", "score layerif on tinystories", "score layerif on shakespeare", "prune wanda50-uniform",
+        "drop drop2-angular", "drop drop2-last", "evaluate dense", "evaluate wanda50-uniform",
+        "evaluate drop2-angular", "evaluate drop2-last"]
+    # a WikiText-2 + TinyStories run at 50/60/70 % is configuration only
+    wiki = DemoTask("wikitext2", "WikiText-2", shared_data("wikitext-2", "valid.txt"),
+                    shared_data("wikitext-2", "test.txt"), heldout="WikiText-2 test paragraphs")
+    other = stories260k_config("smollm2-135m", title="SmolLM2-135M", tasks=(wiki, cfg.tasks[0]),
+                               sparsities=parse_sparsities("0.7,0.5,0.6"), epsilon=0.05, vllm_check=False)
+    assert other.sparsities == (0.5, 0.6, 0.7) and other.scores_task.name == "wikitext2"
+    assert other.spread("owl") == other.spread("layerif") == 0.05
+    assert steps(other)[1:3] == ["score layerif on wikitext2", "score layerif on tinystories"]
+    assert "prune wanda60-owl" in steps(other) and not any(x.startswith("vLLM") for x in steps(other))
+    with pytest.raises(ConfigError, match="give numbers in"):
+        parse_sparsities("0.5,1.5")
+    with pytest.raises(ConfigError, match="not one of the tasks"):
+        stories260k_config(prune_scores_task="wikitext2")
+    with pytest.raises(ConfigError, match="distinct"):
+        stories260k_config(tasks=(wiki, wiki))
+    with pytest.raises(ConfigError, match="choose from angular"):
+        stories260k_config(depth_methods=("deepest",))
+
+
+def test_demo_heldout_documents_follow_the_scored_ones(tmp_path: Path):
+    """Evaluation documents come after everything the scorer read, per task (real shared data)."""
+    from layerif_plugins.data import read_records
+    from layerif_plugins.pipelines.demo import stories260k_config, write_heldout
+
+    cfg = stories260k_config(n_train=8, n_val=4, n_eval_docs=3, n_mc=5)
+    files = write_heldout(cfg, tmp_path)
+    assert list(files) == ["tinystories", "shakespeare", "tinystories_mc"]
+    stories, plays = cfg.tasks
+    valid = read_records(stories.val)
+    assert cfg.heldout_start(stories) == 64 and read_records(files["tinystories"]) == valid[64:67]
+    assert cfg.heldout_start(plays) == 24 and read_records(files["shakespeare"]) == read_records(plays.train)[24:27]
+    assert len(files["tinystories_mc"].read_text().splitlines()) == 5
+    with pytest.raises(ConfigError, match="not enough held-out TinyStories"):
+        write_heldout(stories260k_config(n_eval_docs=10**7), tmp_path / "x")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_pipeline_depth_methods_by_configuration(tmp_path: Path):
+    """A depth-pruning comparison is configuration too: the pipeline drops, evaluates and reports it."""
+    import json
+
+    from layerif_plugins.allocate.layers import layers_to_drop
+    from layerif_plugins.pipelines.demo import run_demo, stories260k_config
+    from layerif_plugins.pipelines.demo_report import write_report
+    from layerif_plugins.scores import LayerScores
+
+    cfg = stories260k_config(skip_prune=True, depth_methods=("layerif", "last"), n_train=8, n_val=8, n_calib=8,
+                             n_eval_docs=4, n_mc=8, vllm_check=False, show_progress=False)
+    result = run_demo(cfg, tmp_path / "demo")
+    assert list(result.evals) == ["dense", "drop1-layerif", "drop1-last"]
+    scores = LayerScores.load(tmp_path / "demo" / "scores_tinystories.json")
+    assert result.depth["drop1-layerif"]["dropped"] == layers_to_drop(scores, 1)
+    assert result.depth["drop1-last"]["dropped"] == [4] and result.depth["drop1-last"]["layers"] == 4
+    record = json.loads((tmp_path / "demo" / "models" / "drop1-last" / "layer_drop.json").read_text())
+    assert record["dropped"] == [4] and record["method"] == "last"
+    report = write_report(result).read_text()
+    assert "## Depth pruning: 1 of 5 decoder layers dropped" in report and "## 2. Wanda" not in report
+    ppl = result.evals["drop1-last"].metric("tinystories", "word_perplexity")
+    assert ppl > result.evals["dense"].metric("tinystories", "word_perplexity")  # a block less: worse
+    assert f"| drop1-last | last | [4] | 4 | {ppl:.4g} |" in report
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["depth"]["drop1-last"]["dropped"] == [4] and summary["sparsity"] == {}

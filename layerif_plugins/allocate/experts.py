@@ -3,7 +3,7 @@
 Pure functions of plain lists, so they are trivial to test and reuse; the PEFT tuner and
 the ``layerif moe`` command call them, never the engine.
 
-* :func:`layerif_expert_counts` — the LayerIF reference mapping (METHOD.md §2a)::
+* :func:`layerif_expert_counts` — the LayerIF reference mapping (docs/method.md §2a)::
 
       x_l = S_l − min S ;  w_l = x_l^β
       n_l = 1 + floor(w_l / Σw · (T − L))
@@ -133,7 +133,7 @@ def layerif_expert_counts(
         scores: one score per decoder layer, layer 0 first (``LayerScores.scores``).
         budget: total number of experts ``T`` over all layers (``T >= L``).
         beta: exponent β (2.5 in the LayerIF / AlphaLoRA scripts, 3 in the paper's example).
-        rounding: ``"layerif"`` (METHOD.md §2a, the default) or ``"alphalora"`` (AlphaLoRA's
+        rounding: ``"layerif"`` (docs/method.md §2a, the default) or ``"alphalora"`` (AlphaLoRA's
             ``exponential_scaling``; see the module docstring for what differs).
         max_top_k: router top-k of layers with more than one expert (2 in the reference).
 
@@ -285,6 +285,8 @@ def _check_budget(budget: int, num_layers: int) -> int:
 
 
 LAYOUTS: tuple[str, ...] = ("layerif", "alphalora", "uniform", *(f"mola-{k}" for k in MOLA_PATTERNS))
+#: the layouts computed from layer scores, and the scoring method each reference uses
+SCORED_LAYOUTS: dict[str, str] = {"layerif": "layerif", "alphalora": "alpha_hill"}
 
 
 def expert_layout(
@@ -303,7 +305,7 @@ def expert_layout(
     kept in the result's ``params`` for provenance.
     """
     params: dict[str, Any] = {"budget": int(budget), "max_top_k": max_top_k, **(source or {})}
-    if layout in ("layerif", "alphalora"):
+    if layout in SCORED_LAYOUTS:
         if scores is None:
             raise AllocationError(f"layout {layout!r} needs per-layer scores (a LayerScores file)")
         if len(scores) != num_layers:

@@ -3,27 +3,33 @@
 Pure functions of plain lists and :class:`~layerif_plugins.scores.LayerScores`. Layers are
 decoder blocks ``0 … L−1``; every result is a sorted list of layer indices.
 
+Which end of the scores counts is read from the file's :class:`~layerif_plugins.scores.ScoreDirection`
+(declared by each scorer), never from the method name.
+
 Dropping (``K`` layers):
 
 * **angular** — the contiguous block ``l* … l*+K−1`` with the smallest angular distance
   ``d(l, l+K)`` (Gromov et al.), read from the scores file's ``extras["distances"][str(K)]``
   (the ``angular`` scorer stores every block size, so one file serves every ``K``).
-* **every other method** (``block_influence``, ``layerif``, ``owl`` …) — the ``K`` layers with
-  the **highest** scores. The project convention is "higher score = less important layer =
-  more sparsity": for ``block_influence`` the score is ``1 − BI``, so this is ShortGPT's
-  "remove the lowest Block Influence"; for ``layerif`` a higher score is a less well-trained
-  layer, the one the sparsity allocators prune hardest, and removing a block is the limit
-  of pruning it (sparsity 1), so the same layers go first.
+* **every other method** — the ``K`` layers at the direction's ``drop_end``: the **highest**
+  scores for ``HIGHER_PRUNES`` / ``LOWER_ADAPTS`` scores (``block_influence``, ``layerif`` …),
+  the **lowest** for ``HIGHER_PROTECTS`` scores (``owl``: the fewest outliers). For
+  ``block_influence`` the score is ``1 − BI``, so this is ShortGPT's "remove the lowest
+  Block Influence"; for ``layerif`` a higher score is a less well-trained layer, the one the
+  sparsity allocators prune hardest, and removing a block is the limit of pruning it
+  (sparsity 1), so the same layers go first.
 * **last** (baseline, :func:`last_layers`) — the final ``K`` layers.
 
 Ties go to the deeper layer (deeper layers are the more redundant ones in practice, and a
 constant score then reduces to the last-layers baseline).
 
-Adapting (``K`` layers, for a PEFT ``LoraConfig(layers_to_transform=…)``):
+Adapting (``K`` layers, for a PEFT ``LoraConfig(layers_to_transform=…)``), the direction's
+``adapt_end``:
 
-* **variability** — the ``K`` lowest ``ν`` (the most task-specialised representations);
-* **every other method** (``layerif`` …) — the ``K`` highest scores (the less well-trained
-  layers, the ones LayerIF gives more LoRA experts).
+* ``LOWER_ADAPTS`` (``variability``) — the ``K`` lowest ``ν`` (the most task-specialised
+  representations);
+* ``HIGHER_PRUNES`` (``layerif`` …) — the ``K`` highest scores (the less well-trained layers,
+  the ones LayerIF gives more LoRA experts); ``HIGHER_PROTECTS`` (``owl``) — the ``K`` lowest.
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from layerif_plugins.errors import AllocationError, ScoresError
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection, as_direction
 
 Rule = Literal["auto", "highest", "lowest"]
 
-#: methods whose *lowest* scores are the layers to adapt (all others: highest)
-ADAPT_LOWEST: frozenset[str] = frozenset({"variability"})
+#: how ``layerif drop --by`` chooses layers: a scoring method, or the last-layers baseline
+DROP_RULES: tuple[str, ...] = ("angular", "block_influence", "layerif", "last")
 
 
 def check_k(k: int, num_layers: int, what: str = "drop") -> int:
@@ -94,19 +100,19 @@ def layers_to_drop(scores: LayerScores, k: int) -> list[int]:
     check_k(k, scores.num_layers)
     if scores.method == "angular":
         return lowest_distance_block(angular_distances(scores, k), k, scores.num_layers)
-    return top_k_layers(scores.scores, k, highest=True)
+    return top_k_layers(scores.scores, k, highest=as_direction(scores.direction).drop_end == "highest")
 
 
-def adapt_rule(method: str) -> Literal["highest", "lowest"]:
-    """Which end of the scores marks the layers to adapt for ``method``."""
-    return "lowest" if method in ADAPT_LOWEST else "highest"
+def adapt_rule(direction: ScoreDirection | str) -> Literal["highest", "lowest"]:
+    """Which end of the scores marks the layers to adapt (a direction, or a method name read as its direction)."""
+    return as_direction(direction).adapt_end
 
 
 def layers_to_adapt(scores: LayerScores, k: int, rule: Rule = "auto") -> list[int]:
-    """The ``k`` layers to fine-tune: lowest ν for ``variability``, highest score otherwise (``rule="auto"``)."""
+    """The ``k`` layers to fine-tune; ``rule="auto"``: the end the scores' direction names (lowest ν …)."""
     if rule not in ("auto", "highest", "lowest"):
         raise AllocationError(f"rule must be 'auto', 'highest' or 'lowest', got {rule!r}")
-    chosen = adapt_rule(scores.method) if rule == "auto" else rule
+    chosen = adapt_rule(scores.direction) if rule == "auto" else rule
     return top_k_layers(scores.scores, k, highest=chosen == "highest", what="adapt")
 
 

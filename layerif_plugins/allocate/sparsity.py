@@ -1,6 +1,6 @@
 """Per-layer scores → per-layer sparsity ratios for one-shot pruning (Wanda, SparseGPT).
 
-Two mappings, both pure functions of plain lists (METHOD.md §2b and §3):
+Two mappings, both pure functions of plain lists (docs/method.md §2b and §3):
 
 * :func:`layerwise_sparsity` — the LayerIF / AlphaPruning mapping: a higher score gets
   more sparsity. Scores are min-max mapped into ``[1-ε, 1+ε]``, then scaled so that the
@@ -13,7 +13,9 @@ Two mappings, both pure functions of plain lists (METHOD.md §2b and §3):
   ``D̃ = (D − min)/(max − min) · 2λ``. The reference uses the plain (unweighted) mean;
   for models whose blocks all have the same size that is also the weighted mean.
 
-:func:`sparsity_from_scores` picks the mapping from a :class:`LayerScores` file.
+:func:`sparsity_from_scores` picks the mapping from the scores' :class:`ScoreDirection`.
+:data:`ALLOCATIONS` is the one list of allocation names (the modifiers, ``prune_model``
+and ``layerif prune`` derive theirs from it), with each reference's spread.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import math
 from collections.abc import Sequence
 
 from layerif_plugins.errors import AllocationError
+from layerif_plugins.scores import ScoreDirection, as_direction
 
 logger = logging.getLogger(__name__)
 
 MAX_SPARSITY = 0.99
-# the spread each reference uses: LayerIF's Wanda/SparseGPT scripts ε = 0.1, OWL's λ = 0.08,
-# AlphaPruning's ε = 0.2 (METHOD.md §2b, §3); uniform has none
-REFERENCE_EPSILON = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "uniform": 0.0}
-# scorers whose score means "protect this layer" (more score → less sparsity)
-INVERSE_METHODS = frozenset({"owl"})
+#: Every per-layer sparsity allocation (name = the scoring method behind it, ``uniform``: none)
+#: with the spread its reference uses: LayerIF's Wanda/SparseGPT scripts ε = 0.1, OWL's
+#: λ = 0.08, AlphaPruning's ε = 0.2 (docs/method.md §2b, §3); uniform has none.
+REFERENCE_EPSILON: dict[str, float] = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "uniform": 0.0}
+#: the allocation names, in the order the CLI and docs list them
+ALLOCATIONS: tuple[str, ...] = tuple(REFERENCE_EPSILON)
 
 
 def default_epsilon(method: str) -> float:
@@ -132,7 +136,7 @@ def layerwise_sparsity(
     epsilon: float = 0.1,
     max_sparsity: float = MAX_SPARSITY,
 ) -> list[float]:
-    """LayerIF / AlphaPruning per-layer sparsity (METHOD.md §2b); higher score → more sparsity.
+    """LayerIF / AlphaPruning per-layer sparsity (docs/method.md §2b); higher score → more sparsity.
 
     ``r_l = minmax(m)_l · 2ε + (1 − ε)``, then ``r ← r · s Σp / Σ p r`` so the
     parameter-weighted mean equals ``target`` exactly; ratios above ``max_sparsity``
@@ -172,7 +176,7 @@ def owl_sparsity(
     lmbda: float = 0.08,
     max_sparsity: float = MAX_SPARSITY,
 ) -> list[float]:
-    """OWL per-layer sparsity (METHOD.md §3): more outliers → less sparsity.
+    """OWL per-layer sparsity (docs/method.md §3): more outliers → less sparsity.
 
     ``D̃ = (D − min D)/(max D − min D) · 2λ``; ``s_l = 1 − (D̃_l − mean D̃ + (1 − target))``,
     i.e. sparsities span ``[target − λ, target + λ]`` around a plain mean of ``target``.
@@ -197,20 +201,25 @@ def owl_sparsity(
 
 def sparsity_from_scores(
     scores: Sequence[float],
-    method: str,
+    direction: ScoreDirection | str,
     params_per_layer: Sequence[float] | None,
     target: float,
     epsilon: float = 0.1,
     max_sparsity: float = MAX_SPARSITY,
 ) -> list[float]:
-    """Per-layer sparsity for scores of ``method``: OWL's mapping for ``owl``, §2b otherwise."""
-    if method in INVERSE_METHODS:
+    """Per-layer sparsity for scores of this direction: OWL's mapping for protect scores, §2b otherwise.
+
+    ``direction`` is the scores' :class:`ScoreDirection` (``LayerScores.direction``); a
+    method name is accepted too and read as that method's direction.
+    """
+    direction = as_direction(direction)
+    if direction.sparsity_mapping == "owl":
         return owl_sparsity(scores, target, lmbda=epsilon, max_sparsity=max_sparsity)
     return layerwise_sparsity(scores, params_per_layer, target, epsilon=epsilon, max_sparsity=max_sparsity)
 
 
 __all__ = [
-    "INVERSE_METHODS",
+    "ALLOCATIONS",
     "MAX_SPARSITY",
     "REFERENCE_EPSILON",
     "default_epsilon",

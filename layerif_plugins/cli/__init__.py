@@ -43,5 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The ``layerif`` console script (and ``python -m``): thread defaults for a shared machine, then :func:`main`.
+
+    OpenMP threads spinning against other processes slow scoring up to 10× on a busy machine;
+    ``OMP_WAIT_POLICY=PASSIVE`` (read once, when torch loads) avoids it, so the command restarts
+    itself once with it set unless the user chose a policy (``OMP_WAIT_POLICY=ACTIVE`` keeps
+    spinning). See :mod:`layerif_plugins.engine.threads`. Tests call :func:`main` in-process instead.
+    """
+    from layerif_plugins.engine.threads import configure_threads, reexec_with_wait_policy
+
+    reexec_with_wait_policy()
+    configure_threads()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -2,6 +2,6 @@
 
 import sys
 
-from layerif_plugins.cli import main
+from layerif_plugins.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

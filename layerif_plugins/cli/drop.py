@@ -14,34 +14,42 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from layerif_plugins.allocate.layers import check_k, last_layers, layers_to_drop
-from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_split
+from layerif_plugins.allocate.layers import DROP_RULES, check_k, last_layers, layers_to_drop
+from layerif_plugins.cli.common import ConfigOptions, add_model_args, add_progress_args, load_model, load_scoring_data
 from layerif_plugins.data import pad_id_of
 from layerif_plugins.depth.drop import drop_layers, save_dropped
-from layerif_plugins.errors import ConfigError, DataError
+from layerif_plugins.depth.heal import HealConfig
+from layerif_plugins.errors import ConfigError
 from layerif_plugins.io import check_parent
-from layerif_plugins.models import num_layers
+from layerif_plugins.models import PARAM_GROUPS, num_layers
 from layerif_plugins.scores import LayerScores
 
-BY = ("angular", "block_influence", "layerif", "last")
+BY = DROP_RULES
 
 
-def add_heal_args(p: argparse.ArgumentParser, prefix: str = "heal-") -> None:
-    """LoRA healing options (shared by ``drop`` with a ``--heal-`` prefix and by ``heal``)."""
-    p.add_argument(f"--{prefix}lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument(f"--{prefix}rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument(f"--{prefix}alpha", type=int, default=16, help="LoRA alpha")
-    p.add_argument(f"--{prefix}batch-size", type=int, default=8)
-    p.add_argument(f"--{prefix}params", default="mlp", choices=["mlp", "attn", "all"],
-                   help="linear layers that get LoRA (mlp: the paper)")
-    p.add_argument(f"--{prefix}seed", type=int, default=0)
+def heal_options(prefix: str = "heal-") -> ConfigOptions:
+    """LoRA healing options from :class:`HealConfig` (``drop`` uses a ``--heal-`` prefix, ``heal`` none).
+
+    ``r`` and ``lora_alpha`` keep their historical option names ``--rank`` / ``--alpha``;
+    ``steps`` is each command's own option (``--steps`` / ``--heal-steps``).
+    """
+    return ConfigOptions(HealConfig, prefix=prefix, rename={"r": "rank", "lora_alpha": "alpha"},
+                         choices={"params": PARAM_GROUPS},
+                         help={"r": "LoRA rank r", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout"})
+
+
+def add_heal_args(p: argparse.ArgumentParser, prefix: str = "heal-") -> ConfigOptions:
+    """Add the healing options (after the command's own ``--[prefix]steps``) and return their spec."""
+    options = heal_options(prefix)
+    options.add_to(p)
+    return options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("drop", help="remove K decoder layers (angular / Block Influence / LayerIF / last) → HF dir")
     add_model_args(p)
     p.add_argument("--n-layers", type=int, required=True, help="K, the number of layers to remove")
-    p.add_argument("--by", required=True, choices=BY, help="how to choose the layers")
+    p.add_argument("--by", required=True, choices=DROP_RULES, help="how to choose the layers")
     p.add_argument("--scores", default=None, help="a LayerScores file of this model (skips scoring)")
     p.add_argument("--calib", default=None, help="calibration text for --by angular / block_influence")
     p.add_argument("--n-calib", type=int, default=64, help="calibration examples (first N)")
@@ -63,34 +71,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _scores(model: Any, tok: Any, args: argparse.Namespace) -> LayerScores:
-    from layerif_plugins.scorers import ScoringData, score_layers
+    from layerif_plugins.engine import InfluenceConfig
+    from layerif_plugins.scorers import get_scorer, resolve_scores
 
-    if args.scores:
-        scores = LayerScores.load(args.scores)
-        if scores.method != args.by:
-            raise ConfigError(f"--by {args.by} but {args.scores} holds {scores.method!r} scores; "
-                              f"pass --by {scores.method} or another scores file")
-        scores.check_model(model)
-        return scores
-    data = ScoringData(pad_id=pad_id_of(tok))
-    params: dict[str, Any] = {}
-    if args.by in ("angular", "block_influence"):
-        if not args.calib:
-            raise DataError(f"--by {args.by} needs calibration text: pass --calib FILE (or --scores FILE)")
-        data.calib = load_split(args.calib, tok, args, args.n_calib)
-        params = {"batch_size": args.batch_size, "show_progress": not args.quiet}
-        if args.by == "angular":
-            params["n"] = args.n_layers
-    else:  # layerif
-        if not (args.train and args.val):
-            raise DataError("--by layerif needs --scores FILE (from `layerif score`) or --train FILE and --val FILE")
-        from layerif_plugins.engine import InfluenceConfig
-
-        data.train = load_split(args.train, tok, args, args.n_train)
-        data.val = load_split(args.val, tok, args, args.n_val)
-        params = {"config": InfluenceConfig(batch_size=args.batch_size, show_progress=not args.quiet)}
-    scores = score_layers(model, args.by, data, **params)
-    if args.save_scores:
+    data = None if args.scores else load_scoring_data(args, tok, args.by)
+    params = get_scorer(args.by).accepted(
+        n=args.n_layers, batch_size=args.batch_size, show_progress=not args.quiet,
+        config=InfluenceConfig(batch_size=args.batch_size, show_progress=not args.quiet),
+    )
+    scores = resolve_scores(model, args.by, args.scores, data, role="--by", **params)
+    if args.save_scores and not args.scores:
         scores.save(args.save_scores)
         print(f"wrote {args.save_scores}")
     return scores
@@ -110,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         layers = last_layers(n_layers, args.n_layers)
     else:
         scores = _scores(model, tok, args)
-        print(f"{scores.method} scores ({scores.higher_is}):")
+        print(f"{scores.method} scores (higher: {scores.higher_is}):")
         print(scores.table())
         layers = layers_to_drop(scores, args.n_layers)
     print(f"dropping layers {layers} of {n_layers} (--by {args.by})")
@@ -121,11 +111,10 @@ def run(args: argparse.Namespace) -> int:
                    "file": args.scores})
     if args.heal_steps:
         from layerif_plugins.data import load_examples
-        from layerif_plugins.depth.heal import HealConfig, heal
+        from layerif_plugins.depth.heal import heal
 
         train = load_examples(args.heal_data, tok, args.max_length, n=args.heal_n, text_field=args.text_field)
-        cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, r=args.heal_rank, lora_alpha=args.heal_alpha,
-                         batch_size=args.heal_batch_size, params=args.heal_params, seed=args.heal_seed)
+        cfg = heal_options().build(args)  # steps from --heal-steps
         result = heal(model, train, pad_id_of(tok), cfg, merge=True, show_progress=not args.quiet)
         model = result.model
         record["heal"] = {"config": cfg.to_dict(), "data": train.fingerprint(), "first_loss": result.losses[0],

@@ -12,9 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_split
+from layerif_plugins.cli.common import ConfigOptions, add_model_args, add_progress_args, load_model, load_split
 from layerif_plugins.data import pad_id_of
 from layerif_plugins.io import atomic_dir, atomic_write_json, check_parent
+from layerif_plugins.training import TrainConfig
+
+#: the training options, generated from TrainConfig's fields (a new field is a new option)
+TRAIN_OPTIONS = ConfigOptions(TrainConfig, help={"seed": "seed of data order, sampling and dropout"})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,15 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-val", type=int, default=None)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--text-field", default="text")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and dropout")
+    TRAIN_OPTIONS.add_to(p.add_argument_group("training (TrainConfig)"))
     add_progress_args(p)
     p.add_argument("--out", required=True, help="directory for the trained adapter (replaced atomically)")
     p.set_defaults(func=run)
@@ -44,13 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from layerif_plugins.integrations.peft_moe import check_adapter_dir, load_lora_moe
     from layerif_plugins.integrations.peft_moe.build import LAYOUT_FILE, append_load_note
-    from layerif_plugins.training import TrainConfig, heldout_loss, train_adapter
+    from layerif_plugins.training import heldout_loss, train_adapter
 
     check_parent(args.out)
     check_adapter_dir(args.adapter)
-    config = TrainConfig(max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_accum=args.grad_accum,
-                         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
+    config = TRAIN_OPTIONS.build(args)
     model, tok = load_model(args)
     pad = pad_id_of(tok)
     train = load_split(args.train, tok, args, args.n_train)

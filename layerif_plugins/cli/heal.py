@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model
-from layerif_plugins.cli.drop import add_heal_args
+from layerif_plugins.cli.drop import add_heal_args, heal_options
 from layerif_plugins.data import load_examples, pad_id_of
-from layerif_plugins.depth.heal import HealConfig, heal, mean_loss, save_healed
+from layerif_plugins.depth.heal import heal, mean_loss, save_healed
 from layerif_plugins.io import check_parent
 
 
@@ -36,8 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_parent(args.out)
-    cfg = HealConfig(steps=args.steps, lr=args.lr, r=args.rank, lora_alpha=args.alpha, batch_size=args.batch_size,
-                     params=args.params, seed=args.seed)
+    cfg = heal_options(prefix="").build(args)  # steps from --steps
     model, tok = load_model(args)
     pad = pad_id_of(tok)
     train = load_examples(args.data, tok, args.max_length, n=args.n, text_field=args.text_field)

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from layerif_plugins.allocate.experts import LAYOUTS
-from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_split
-from layerif_plugins.errors import ConfigError
+from layerif_plugins.allocate.experts import LAYOUTS, SCORED_LAYOUTS
+from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_scoring_data
 from layerif_plugins.io import check_parent
 from layerif_plugins.report import markdown_table
-
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--r", type=int, default=8, help="rank of every LoRA expert")
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names to adapt")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated module names to adapt (default: the model family's projections, "
+                        "q_proj … down_proj for Llama; models.families.FAMILIES)")
     p.add_argument("--router-aux-loss-coef", type=float, default=0.001)
     p.add_argument("--router-jitter", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter's initial weights")
@@ -46,40 +45,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _scores(args: argparse.Namespace, model, tok):
-    from layerif_plugins.scores import LayerScores
+    """The scores behind a scored layout: ``--scores`` (any method), or computed with the layout's method."""
+    from layerif_plugins.engine import InfluenceConfig
+    from layerif_plugins.scorers import get_scorer, resolve_scores
 
+    method = SCORED_LAYOUTS.get(args.layout)
     if args.scores:
-        return LayerScores.load(args.scores), args.scores
-    if args.layout == "alphalora":
-        from layerif_plugins.scorers import SCORERS, score_layers
-
-        if "alpha_hill" not in SCORERS:
-            raise ConfigError("the alpha_hill scorer is not available; pass --scores from another method")
-        return score_layers(model, "alpha_hill"), "alpha_hill (computed)"
-    if args.layout == "layerif":
-        if not (args.train and args.val):
-            raise ConfigError("--layout layerif needs --scores FILE (from `layerif score`), or --train and --val")
-        from layerif_plugins.data import pad_id_of
-        from layerif_plugins.engine import InfluenceConfig
-        from layerif_plugins.scorers import ScoringData, score_layers
-
-        data = ScoringData(train=load_split(args.train, tok, args, args.n_train),
-                           val=load_split(args.val, tok, args, args.n_val), pad_id=pad_id_of(tok))
-        return score_layers(model, "layerif", data, config=InfluenceConfig(show_progress=not args.quiet)), \
-            "layerif (computed)"
-    return None, None
+        return resolve_scores(model, None, args.scores), args.scores
+    if method is None:
+        return None, None
+    data = load_scoring_data(args, tok, method)
+    params = get_scorer(method).accepted(config=InfluenceConfig(show_progress=not args.quiet))
+    return resolve_scores(model, method, None, data, **params), f"{method} (computed)"
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
+    from layerif_plugins.models.families import peft_targets
 
     check_parent(args.out)
     model, tok = load_model(args)
     scores, source = _scores(args, model, tok)
     layout = moe_layout(model, args.layout, args.budget, scores=scores, beta=args.beta, max_top_k=args.max_top_k)
-    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    targets = ([t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules
+               else peft_targets(model))
     torch.manual_seed(args.seed)
     peft_model = get_moe_model(
         model, layout, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,

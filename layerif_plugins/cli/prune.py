@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import argparse
 
+from layerif_plugins.allocate.sparsity import ALLOCATIONS, REFERENCE_EPSILON
+from layerif_plugins.cli.common import MODEL_HELP
 from layerif_plugins.report import markdown_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="one-shot Wanda / SparseGPT pruning with LayerIF / OWL / AlphaPruning ratios")
-    p.add_argument("--model", required=True, help="HF model directory or llama2.c .bin checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--algorithm", default="wanda", choices=["wanda", "sparsegpt"])
     p.add_argument("--sparsity", type=float, required=True, help="global target in (0, 1), parameter-weighted")
-    p.add_argument("--allocation", default="layerif", choices=["layerif", "owl", "alpha_hill", "uniform"],
+    p.add_argument("--allocation", default="layerif", choices=ALLOCATIONS,
                    help="per-layer ratios: layerif (needs --scores), owl (from --calib), alpha_hill (from the "
                         "weights), uniform")
     p.add_argument("--scores", default=None, help="LayerScores JSON of this model (method = --allocation)")
     p.add_argument("--epsilon", type=float, default=None,
                    help="relative spread: ratios in [1-eps, 1+eps] before rescaling (OWL's lambda for owl); "
-                        "default: the reference's (layerif 0.1, owl 0.08, alpha_hill 0.2)")
+                        "default: the reference's (" + ", ".join(
+                            f"{a} {e}" for a, e in REFERENCE_EPSILON.items() if e) + ")")
     p.add_argument("--calib", required=True, help="calibration data (.txt / .jsonl)")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples (the first N)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration example")

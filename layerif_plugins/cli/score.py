@@ -9,14 +9,22 @@ import sys
 
 import torch
 
-from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_split
-from layerif_plugins.data import pad_id_of
+from layerif_plugins.cli.common import (
+    ConfigOptions,
+    add_model_args,
+    add_progress_args,
+    load_model,
+    load_scoring_data,
+)
 from layerif_plugins.engine import InfluenceConfig
 from layerif_plugins.engine import distributed as dd
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.io import check_parent
 from layerif_plugins.models import resolve_device
-from layerif_plugins.scorers import SCORERS, ScoringData, score_layers
+from layerif_plugins.scorers import SCORERS, get_scorer, resolve_scores
+
+#: the engine options, generated from InfluenceConfig's fields (a new field is a new option)
+INFLUENCE_OPTIONS = ConfigOptions(InfluenceConfig, exclude=("show_progress",))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,19 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=128, help="truncate examples to T tokens")
     p.add_argument("--text-field", default="text", help="JSONL text field")
     p.add_argument("--label-field", default=None,
-                   help="JSONL label field: --calib is then a labelled set (for --method variability)")
-    p.add_argument("--params", default="attn", choices=["attn", "mlp", "all"],
-                   help="parameter group per block (attn = q,k,v,o: the reference)")
-    p.add_argument("--damping", type=float, default=0.1, help="λ_w = damping · mean ||g||² / numel")
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="JSONL label field of a labelled --calib set (methods that need labels, e.g. variability; "
+                        "default: label)")
     p.add_argument("--per-example", action="store_true", help="keep s_i^l for every train example in the file")
-    p.add_argument("--pairwise", action="store_true", help="keep the full IF_l(i,j) matrices (small --n-val only)")
-    p.add_argument("--grad-mode", default="auto", choices=["auto", "ghost", "materialize"],
-                   help="per-example gradient statistics: materialized (fewer FLOPs) or ghost (less memory)")
-    p.add_argument("--max-tokens-per-batch", type=int, default=None, help="cap padded tokens per batch")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large models)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="save each finished pass here; rerunning the same command resumes from it")
+    INFLUENCE_OPTIONS.add_to(p.add_argument_group("LayerIF engine (InfluenceConfig)"))
     p.add_argument("--nproc", type=int, default=None,
                    help="data-parallel over N processes on this machine (relaunches itself with torchrun)")
     add_progress_args(p)
@@ -85,31 +84,12 @@ def run(args: argparse.Namespace) -> int:
         size, _ = dd.world()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size) if dist_device.type == "cpu" else 1)
     model, tok = load_model(args)
-    data = ScoringData(pad_id=pad_id_of(tok))
-    if args.train:
-        data.train = load_split(args.train, tok, args, args.n_train)
-    if args.val:
-        data.val = load_split(args.val, tok, args, args.n_val)
-    if args.calib and args.label_field:
-        from layerif_plugins.data.labelled import load_labelled
-
-        labelled = load_labelled(args.calib, tok, max_length=args.max_length, n=args.n_calib, seed=args.seed,
-                                 text_field=args.text_field, label_field=args.label_field)
-        data.calib, data.labels = labelled.examples, list(labelled.labels)
-    elif args.calib:
-        data.calib = load_split(args.calib, tok, args, args.n_calib)
-    params: dict = {}
-    if args.method == "layerif":
-        params = {
-            "config": InfluenceConfig(
-                params=args.params, damping=args.damping, batch_size=args.batch_size, pairwise=args.pairwise,
-                grad_mode=args.grad_mode, max_tokens_per_batch=args.max_tokens_per_batch,
-                checkpoint_dir=args.checkpoint_dir, gradient_checkpointing=args.gradient_checkpointing,
-                show_progress=not args.quiet,
-            ),
-            "per_example": args.per_example,
-        }
-    scores = score_layers(model, args.method, data, **params)
+    data = load_scoring_data(args, tok, args.method)
+    params = get_scorer(args.method).accepted(
+        config=INFLUENCE_OPTIONS.build(args, show_progress=not args.quiet), per_example=args.per_example,
+        batch_size=args.batch_size, show_progress=not args.quiet,
+    )
+    scores = resolve_scores(model, args.method, data=data, **params)
     scores.params.setdefault("max_length", args.max_length)
     if dd.world()[0] > 1:
         scores.params["world_size"] = dd.world()[0]

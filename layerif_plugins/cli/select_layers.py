@@ -3,8 +3,8 @@
     layerif select-layers --scores scores.json --k 2 [--out lora.json]
     layerif select-layers --model M --by variability --data labelled.jsonl --k 2 --save-scores nu.json
 
-Rule (``--rule auto``): the lowest ν for ``variability`` scores, the highest scores for every
-other method (for LayerIF: the least well-trained layers). Prints the layers and a JSON
+Rule (``--rule auto``): the end the scores' direction names — the lowest ν for
+``variability`` scores, the highest for LayerIF (the least well-trained layers). Prints the layers and a JSON
 snippet of ``LoraConfig`` keyword arguments; ``--out`` writes it.
 """
 
@@ -14,11 +14,10 @@ import argparse
 import json
 
 from layerif_plugins.allocate.layers import adapt_rule, layers_to_adapt, lora_config_kwargs
+from layerif_plugins.cli.common import load_scoring_data
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.io import atomic_write_json, check_parent
-from layerif_plugins.scores import LayerScores
-
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from layerif_plugins.models.families import LLAMA_PROJECTIONS, peft_targets
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, required=True, help="number of layers to adapt")
     p.add_argument("--rule", default="auto", choices=["auto", "highest", "lowest"])
     p.add_argument("--target-modules", default=None,
-                   help="comma-separated LoRA targets (default: the model's block linears, or Llama names)")
+                   help="comma-separated LoRA targets (default: the model family's projections, or Llama names)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--out", default=None, help="write the LoraConfig JSON snippet here")
@@ -44,22 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace):
-    from layerif_plugins.data import load_examples, pad_id_of
-    from layerif_plugins.data.labelled import load_labelled
     from layerif_plugins.models import load_model_and_tokenizer
-    from layerif_plugins.scorers import ScoringData, score_layers
+    from layerif_plugins.scorers import resolve_scores
 
     if not args.data:
         raise ConfigError("--model needs --data FILE (labelled JSONL for --by variability)")
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, device="cpu")
-    data = ScoringData(pad_id=pad_id_of(tok))
-    if args.by == "variability":
-        lab = load_labelled(args.data, tok, args.max_length, n=args.n, text_field=args.text_field,
-                            label_field=args.label_field)
-        data.calib, data.labels = lab.examples, list(lab.labels)
-    else:
-        data.calib = load_examples(args.data, tok, args.max_length, n=args.n, text_field=args.text_field)
-    scores = score_layers(model, args.by, data)
+    data = load_scoring_data(args, tok, args.by, calib=args.data, n_calib=args.n)
+    scores = resolve_scores(model, args.by, None, data)
     if args.save_scores:
         scores.save(args.save_scores)
         print(f"wrote {args.save_scores}")
@@ -73,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         check_parent(args.out)
     model = None
     if args.scores:
-        scores = LayerScores.load(args.scores)
+        from layerif_plugins.scorers import resolve_scores
+
+        scores = resolve_scores(None, None, args.scores)  # no model loaded: the file is used as is
     else:
         scores, model = _score(args)
     layers = layers_to_adapt(scores, args.k, args.rule)
@@ -81,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
         pattern = "layers"
     elif model is not None:
-        from layerif_plugins.models import block_linears, blocks_prefix
+        from layerif_plugins.models import blocks_prefix
 
-        targets = sorted({lin.local_name.rsplit(".", 1)[-1] for lin in block_linears(model, "all")})
+        targets = peft_targets(model)
         pattern = blocks_prefix(model).rsplit(".", 1)[-1]
     else:
-        targets, pattern = list(LLAMA_LINEARS), "layers"
-    rule = adapt_rule(scores.method) if args.rule == "auto" else args.rule
+        targets, pattern = list(LLAMA_PROJECTIONS), "layers"
+    rule = adapt_rule(scores.direction) if args.rule == "auto" else args.rule
     snippet = lora_config_kwargs(layers, targets, layers_pattern=pattern, r=args.r, lora_alpha=args.lora_alpha)
     print(scores.table())
     print(f"{scores.method}: adapt the {args.k} layers with the {rule} scores: {layers}")

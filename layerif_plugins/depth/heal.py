@@ -2,9 +2,11 @@
 
 The paper heals with QLoRA on the MLP modules; on CPU we use plain PEFT LoRA
 (``peft.LoraConfig`` on the MLP linear layers of every remaining block, found through
-:func:`layerif_plugins.models.block_linears`), AdamW, causal-LM loss on a local text set,
-for a fixed number of optimizer steps. The adapter can be merged back into the weights
-(``merge_and_unload``) so the result is again a plain HF model that vLLM serves as is.
+:func:`layerif_plugins.models.block_linears`), AdamW at a constant learning rate,
+causal-LM loss on a local text set, for a fixed number of optimizer steps. The training
+itself is the package's one loop, :func:`layerif_plugins.training.train_adapter`; this
+module only chooses the adapter and the settings. The adapter can be merged back into the
+weights (``merge_and_unload``) so the result is again a plain HF model that vLLM serves as is.
 
 Determinism: the batch order and the LoRA initialisation come from ``seed``.
 """
@@ -12,20 +14,17 @@ Determinism: the batch order and the LoRA initialisation come from ``seed``.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from layerif_plugins.data import Examples, collate
+from layerif_plugins.data import Examples
 from layerif_plugins.errors import ConfigError, DataError
 from layerif_plugins.evaluation.perplexity import mean_token_loss
 from layerif_plugins.models import block_linears
+from layerif_plugins.training import TrainConfig, attach_lora, train_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class HealConfig:
 
     Args:
         steps: optimizer steps (the examples are cycled in a seeded random order).
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (constant over the steps).
         r / lora_alpha / lora_dropout: the LoRA adapter (``peft.LoraConfig``).
         batch_size: examples per step.
         params: which linear layers of each block get LoRA: "mlp" (the paper), "attn" or "all".
@@ -65,6 +64,12 @@ class HealConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def train_config(self) -> TrainConfig:
+        """The settings of the shared training loop that this healing run uses."""
+        return TrainConfig(max_steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           weight_decay=self.weight_decay, seed=self.seed, lr_scheduler="constant",
+                           logging_steps=max(self.steps, 1))
+
 
 @dataclass
 class HealResult:
@@ -78,14 +83,6 @@ class HealResult:
     trainable_params: int
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def _peft() -> Any:
-    try:
-        import peft
-    except ImportError as exc:  # pragma: no cover - peft is a declared extra
-        raise ConfigError("healing needs PEFT: pip install 'layerif-plugins[moe]'") from exc
-    return peft
 
 
 def mean_loss(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 8) -> float:
@@ -105,36 +102,17 @@ def heal(
     config = config or HealConfig()
     if len(train) == 0:
         raise DataError("no healing examples")
-    peft = _peft()
     targets = [lin.name for lin in block_linears(model, config.params)]
-    torch.manual_seed(config.seed)
-    lora = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    pmodel = peft.get_peft_model(model, lora)
-    trainable = [p for p in pmodel.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    device = next(pmodel.parameters()).device
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    pmodel.train()
-    t0 = time.perf_counter()
-    for _ in tqdm(range(config.steps), desc="heal", disable=not show_progress, leave=False):
-        if len(order) < config.batch_size:
-            order += rng.sample(range(len(train)), len(train))
-        idx, order = order[: config.batch_size], order[config.batch_size:]
-        b = collate(train, idx, pad_id).to(device)
-        loss = pmodel(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - t0
-    pmodel.eval()
+    pmodel = attach_lora(model, targets, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                         seed=config.seed)
+    trainable = sum(p.numel() for p in pmodel.parameters() if p.requires_grad)
+    metrics = train_adapter(pmodel, train, pad_id, config.train_config(), show_progress=show_progress)
+    losses = metrics["losses"]
     out = pmodel.merge_and_unload() if merge else pmodel
-    logger.info("healed %d steps in %.1fs: loss %.4f → %.4f", config.steps, seconds, losses[0], losses[-1])
+    logger.info("healed %d steps in %.1fs: loss %.4f → %.4f", config.steps, metrics["train_runtime"], losses[0],
+                losses[-1])
     return HealResult(model=out, merged=merge, losses=losses, config=config, target_modules=targets,
-                      trainable_params=sum(p.numel() for p in trainable), seconds=seconds)
+                      trainable_params=trainable, seconds=metrics["train_runtime"])
 
 
 def save_healed(result: HealResult, tokenizer: Any, out: str | Path, info: dict[str, Any] | None = None) -> Path:

@@ -30,22 +30,46 @@ class InfluenceConfig:
         gradient_checkpointing: recompute block activations in the backward pass (HF's
             ``gradient_checkpointing_enable``) to cut autograd memory on large models.
         show_progress: tqdm bars on every pass.
+        mode: ``"four-pass"`` runs the model over the train set three times and holds no
+            per-example state (memory O(parameters)); ``"one-pass"`` runs it once and holds every
+            train example's factors (each projection's inputs ``A_i`` and output gradients ``B_i``,
+            or its materialized gradient where that is smaller) to get ``λ``, ``u`` and ``gᵀu``
+            without more model passes; ``"auto"`` holds what fits in ``max_factor_memory``.
+            All modes give the same scores (bit-identical where factors, not materialized
+            gradients, are held; float rounding otherwise). Batches whose factors are not held
+            cost two more model passes each, so a budget that is too small degrades gracefully
+            towards the four-pass cost, never past it.
+        max_factor_memory: budget for the held factors, in bytes or as a string (``"4GB"``,
+            ``"512MiB"``); ``None`` = half the memory free on the model's device when scoring starts.
     """
 
-    params: Literal["attn", "mlp", "all"] = "attn"
-    damping: float = 0.1
-    batch_size: int = 8
-    pairwise: bool = False
-    grad_mode: Literal["auto", "ghost", "materialize"] = "auto"
-    materialize_limit_bytes: int = 512 * 2**20
-    max_tokens_per_batch: int | None = None
-    checkpoint_dir: str | None = None
-    gradient_checkpointing: bool = False
-    show_progress: bool = True
+    params: Literal["attn", "mlp", "all"] = field(default="attn", metadata={
+        "help": "parameter group per block (attn = q,k,v,o: the reference)"})
+    damping: float = field(default=0.1, metadata={"help": "λ_w = damping · mean ||g||² / numel"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
+    pairwise: bool = field(default=False, metadata={
+        "help": "keep the full IF_l(i,j) matrices (small validation sets only)"})
+    grad_mode: Literal["auto", "ghost", "materialize"] = field(default="auto", metadata={
+        "help": "per-example gradient statistics: materialized (fewer FLOPs) or ghost (less memory)"})
+    materialize_limit_bytes: int = field(default=512 * 2**20, metadata={
+        "help": "largest transient per-example-gradient tensor grad_mode=auto allows (bytes)"})
+    max_tokens_per_batch: int | None = field(default=None, metadata={"help": "cap padded tokens per batch"})
+    checkpoint_dir: str | None = field(default=None, metadata={
+        "help": "save each finished pass here; rerunning the same command resumes from it"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (large models)"})
+    show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+    mode: Literal["auto", "one-pass", "four-pass"] = field(default="auto", metadata={
+        "help": "train passes: one-pass holds per-example factors (needs memory, 1 train pass), four-pass "
+                "holds none (3 train passes), auto holds what fits in --max-factor-memory; same scores"})
+    max_factor_memory: int | str | None = field(default=None, metadata={
+        "help": "memory budget for the one-pass factors, bytes or e.g. 4GB / 512MiB (default: half the "
+                "free memory of the model's device)"})
 
     # options that do not change the numbers (beyond float rounding), so a resumed run may differ in them
     RUNTIME_ONLY = ("batch_size", "grad_mode", "materialize_limit_bytes", "max_tokens_per_batch",
-                    "checkpoint_dir", "gradient_checkpointing", "show_progress")
+                    "checkpoint_dir", "gradient_checkpointing", "show_progress", "mode",
+                    "max_factor_memory")
 
     def numeric_options(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
@@ -70,6 +94,8 @@ class InfluenceResult:
     train_losses: torch.Tensor | None = None
     val_losses: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    model_batches: int = 0  # batched forward+backward runs of the model (validation + train, this rank)
+    factor_bytes: int = 0  # train factors held in memory by the one-pass mode (this rank)
 
 
 def aggregate_positive(per_example: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Per example, batch size 1, no padding, the mean token cross-entropy computed in 
 model's own dtype (HF's ``labels=`` loss upcasts to float32, which would spoil float64
 comparisons); explicit flattened
 per-example gradients of every target weight; then the per-pair DataInf formula of
-METHOD.md §1 exactly as written:
+docs/method.md §1 exactly as written:
 
     λ_w     = damping · Σ_i ||g_{i,w}||² / (n · numel(w))
     h_{j,w} = (1/(n λ_w)) Σ_i [ v_{j,w} − (g_{i,w}ᵀ v_{j,w} / (λ_w + ||g_{i,w}||²)) g_{i,w} ]

@@ -2,8 +2,8 @@
 
 :func:`check_model_dir` (config + tokenizer, for lm-eval and vLLM alike) and
 :func:`check_vllm_dir` (dense safetensors, architectures, no sparse or quantized
-compression vLLM would refuse) read only file headers, so they run in the main
-environment without vLLM.
+compression vLLM would refuse; on ``device="cpu"`` an attention head size vLLM-CPU has a
+kernel for) read only file headers, so they run in the main environment without vLLM.
 """
 
 from __future__ import annotations
@@ -38,6 +38,33 @@ def check_model_dir(path: str | Path, tokenizer: str | Path | None = None) -> Pa
 
 _DENSE_DTYPES = {"F64", "F32", "F16", "BF16"}
 
+# vllm-cpu 0.32 CPU_ATTN backend: CPUAttentionBackend.get_supported_head_sizes()
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def attention_head_dim(config: dict[str, Any]) -> int | None:
+    """``head_dim`` of a config.json (explicit, else ``hidden_size / num_attention_heads``); None if unknown."""
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if isinstance(cfg.get("head_dim"), int):
+        return int(cfg["head_dim"])
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def check_vllm_cpu_head_dim(config: dict[str, Any], where: str | Path) -> None:
+    """Refuse, before vLLM starts, a model whose attention heads vLLM-CPU has no kernel for."""
+    head_dim = attention_head_dim(config)
+    if head_dim is not None and head_dim not in VLLM_CPU_HEAD_DIMS:
+        raise ModelError(
+            f"{where}: attention head_dim={head_dim} (hidden_size {config.get('hidden_size')} / "
+            f"{config.get('num_attention_heads')} heads), but vLLM on CPU has attention kernels only for head_dim in "
+            f"{list(VLLM_CPU_HEAD_DIMS)} (vLLM would stop with 'Unsupported CPU attention configuration'). "
+            "Serve it with vLLM on a GPU, or evaluate it with the hf backend (layerif eval --backend hf); "
+            "stories260K (head_dim 8) is such a model, SmolLM2-135M (head_dim 64) is served"
+        )
+
 
 # tensor-name suffixes that compressed-tensors uses for packed / sparse / quantized weights
 _COMPRESSED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "bitmask", "compressed",
@@ -56,6 +83,7 @@ class VllmDirCheck:
     num_params: int
     dtypes: list[str]
     warnings: list[str] = field(default_factory=list)
+    head_dim: int | None = None
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:
@@ -76,14 +104,14 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def check_vllm_dir(path: str | Path, allow_quantized: bool = False) -> VllmDirCheck:
+def check_vllm_dir(path: str | Path, allow_quantized: bool = False, device: str | None = None) -> VllmDirCheck:
     """Verify that ``path`` is a directory vLLM can load as a dense model; raise ModelError otherwise.
 
     Checks: ``config.json`` with ``architectures``; safetensors weights (all shards of an
     index present) holding dense float tensors; no ``sparsity_config`` with targets (vLLM
     refuses those: its 2:4 sparse kernels were removed); no compressed-tensors quantization
     (unless ``allow_quantized``: vLLM's compressed-tensors 0.17 is older than the 0.19 that
-    wrote it); tokenizer files.
+    wrote it); tokenizer files; with ``device="cpu"``, a head_dim vLLM-CPU supports.
     """
     path = Path(path)
     check_model_dir(path)
@@ -97,6 +125,8 @@ def check_vllm_dir(path: str | Path, allow_quantized: bool = False) -> VllmDirCh
             f"{path / 'config.json'} has no 'architectures' list; vLLM picks the model class from it. "
             "Re-save the model with model.save_pretrained(dir)"
         )
+    if device == "cpu":
+        check_vllm_cpu_head_dim(config, path / "config.json")
     qc = config.get("quantization_config") or {}
     sparsity = qc.get("sparsity_config") or config.get("sparsity_config") or {}
     if isinstance(sparsity, dict) and sparsity.get("targets"):
@@ -136,7 +166,7 @@ def check_vllm_dir(path: str | Path, allow_quantized: bool = False) -> VllmDirCh
     if "tokenizer_config.json" not in tokenizer_files:
         warnings.append("no tokenizer_config.json: vLLM falls back to defaults for BOS / EOS handling")
     return VllmDirCheck(str(path), archs[0], weight_files, tokenizer_files, n_tensors, n_params, sorted(dtypes),
-                        warnings)
+                        warnings, attention_head_dim(config))
 
 
 def _weight_files(path: Path) -> list[str]:

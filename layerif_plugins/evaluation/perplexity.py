@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerif_plugins.data import IGNORE_INDEX, Examples, batches, read_records, select
+from layerif_plugins.data import IGNORE_INDEX, Examples, batches
 from layerif_plugins.errors import DataError
+from layerif_plugins.evaluation.documents import read_perplexity_docs
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def rolling_windows(n_tokens: int, context_length: int) -> list[tuple[int, int, 
     the outputs at its last ``n_pred`` positions predict ``tokens[input_end - n_pred : input_end]``
     (= ``seq[input_end - n_pred + 1 : input_end + 1]``); the windows' predictions are disjoint.
     """
+    if context_length < 1:
+        raise DataError(f"context_length={context_length}: a window needs at least 1 token of context")
     out = []
     start = 0
     while start < n_tokens:
@@ -74,8 +77,58 @@ def rolling_windows(n_tokens: int, context_length: int) -> list[tuple[int, int, 
     return out
 
 
-def _doc_tokens(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+@dataclass(frozen=True)
+class Window:
+    """One rolling window: the model reads ``ids``; its last ``len(targets)`` outputs predict ``targets``.
+
+    ``prompt`` (``ids`` plus the last target) is the same window for an engine that scores
+    prompt log-probabilities (vLLM): the log-probabilities of its last ``len(targets)``
+    tokens are the window's score.
+    """
+
+    ids: list[int]
+    targets: list[int]
+
+    @property
+    def prompt(self) -> list[int]:
+        return [*self.ids, self.targets[-1]]
+
+
+def perplexity_documents(texts: str | Path | Sequence[str], max_docs: int | None = None) -> list[str]:
+    """The documents every backend scores: a text / JSONL file's (first ``max_docs``), or the list given."""
+    docs = read_perplexity_docs(texts, max_docs=max_docs) if isinstance(texts, (str, Path)) else list(texts)
+    if max_docs and not isinstance(texts, (str, Path)):
+        docs = docs[:max_docs]
+    if not docs:
+        raise DataError(f"no documents to evaluate in {texts if isinstance(texts, (str, Path)) else 'the list given'}")
+    return docs
+
+
+def document_windows(tokenizer: Any, docs: Sequence[str], context_length: int) -> tuple[list[Window], int]:
+    """The rolling windows of every document (each scored on its own after BOS) and the token count.
+
+    The one windowing scheme of the project: :func:`perplexity` runs these windows through an
+    HF model, :mod:`layerif_plugins.integrations.vllm_backend` sends their ``prompt`` to vLLM.
+    """
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS token to start each document with")
+    windows: list[Window] = []
+    n_tokens = 0
+    for text in docs:
+        toks = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        seq = [prefix, *toks]
+        n_tokens += len(toks)
+        for s, e, n_pred in rolling_windows(len(toks), context_length):
+            windows.append(Window(ids=seq[s:e], targets=toks[e - n_pred : e]))
+    return windows, n_tokens
+
+
+def perplexity_result(nll: float, n_tokens: int, docs: Sequence[str]) -> PerplexityResult:
+    """Total NLL of ``docs`` → :class:`PerplexityResult` with lm-eval's word and byte counts."""
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    return PerplexityResult(nll=nll, tokens=n_tokens, words=words, bytes=n_bytes, docs=len(docs))
 
 
 def perplexity(
@@ -88,52 +141,34 @@ def perplexity(
     show_progress: bool = False,
 ) -> PerplexityResult:
     """Token-weighted perplexity of ``model`` on a text file (or a list of documents)."""
-    if isinstance(texts, (str, Path)):
-        records = read_records(texts)
-        docs = [r for r in records if isinstance(r, str)]
-        if len(docs) != len(records):
-            raise DataError(f"{texts}: perplexity needs text examples, not pre-tokenized input_ids")
-    else:
-        docs = list(texts)
-    if not docs:
-        raise DataError("no documents to evaluate")
-    docs = [docs[i] for i in select(len(docs), max_docs if max_docs and max_docs < len(docs) else None, None, "eval")]
+    docs = perplexity_documents(texts, max_docs)
     ctx = context_length or int(getattr(model.config, "max_position_embeddings", 512))
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    pieces: list[tuple[list[int], list[int]]] = []  # (input ids, targets of the last len(targets) positions)
-    n_tokens = 0
-    for text in docs:
-        toks = _doc_tokens(tokenizer, text)
-        seq = [prefix, *toks]
-        n_tokens += len(toks)
-        for s, e, n_pred in rolling_windows(len(toks), ctx):
-            pieces.append((seq[s:e], toks[e - n_pred : e]))
+    pieces, n_tokens = document_windows(tokenizer, docs, ctx)
     total = 0.0
     was_training = model.training
     model.eval()
-    order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k][0]))  # similar lengths together
+    order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k].ids))  # similar lengths together
     bar = tqdm(total=len(pieces), desc="perplexity", disable=not show_progress, leave=False)
     with torch.no_grad():
         for b in range(0, len(order), batch_size):
             chunk = [pieces[k] for k in order[b : b + batch_size]]
-            width = max(len(ids) for ids, _ in chunk)
+            width = max(len(w.ids) for w in chunk)
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, (x, _) in enumerate(chunk):
-                ids[r, : len(x)] = torch.tensor(x)
-                mask[r, : len(x)] = 1
+            for r, w in enumerate(chunk):
+                ids[r, : len(w.ids)] = torch.tensor(w.ids)
+                mask[r, : len(w.ids)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-            for r, (x, targets) in enumerate(chunk):
-                lp = F.log_softmax(logits[r, len(x) - len(targets) : len(x)], dim=-1)
-                tgt = torch.tensor(targets, device=device)
+            for r, w in enumerate(chunk):
+                n = len(w.ids)
+                lp = F.log_softmax(logits[r, n - len(w.targets) : n], dim=-1)
+                tgt = torch.tensor(w.targets, device=device)
                 total -= float(lp.gather(1, tgt[:, None]).double().sum())
             bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    words = sum(len(re.split(r"\s+", d)) for d in docs)
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    return PerplexityResult(nll=total, tokens=n_tokens, words=words, bytes=n_bytes, docs=len(docs))
+    return perplexity_result(total, n_tokens, docs)
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
-"""Models: the family table, fingerprints, loading (HF directory, hub id, llama2.c ``.bin``).
+"""Models: the family table, fingerprints, loading (HF dir, hub id, llama2.c ``.bin``, ``.gguf``, catalogue name).
 
 Everything is re-exported here, so ``from layerif_plugins.models import decoder_blocks`` is
 the one import callers need; the submodules each hold one job.
 """
 
+from layerif_plugins.models.catalogue import CATALOGUE, CatalogueEntry, resolve_model
 from layerif_plugins.models.families import (
     FAMILIES,
     PARAM_GROUPS,
@@ -20,15 +21,23 @@ from layerif_plugins.models.families import (
     num_layers,
 )
 from layerif_plugins.models.fingerprint import ModelFingerprint, config_hash, fingerprint
-from layerif_plugins.models.loading import load_model_and_tokenizer, resolve_device, resolve_dtype, save_model_dir
+from layerif_plugins.models.loading import (
+    load_model_and_tokenizer,
+    model_dir_for,
+    resolve_device,
+    resolve_dtype,
+    save_model_dir,
+)
 
 __all__ = [
+    "CATALOGUE",
     "FAMILIES",
     "PARAM_GROUPS",
     "Family",
     "LinearModule",
     "ModelFingerprint",
     "ParamGroup",
+    "CatalogueEntry",
     "block_class_name",
     "block_linears",
     "blocks_prefix",
@@ -38,9 +47,11 @@ __all__ = [
     "fingerprint",
     "linear_weight_is_transposed",
     "load_model_and_tokenizer",
+    "model_dir_for",
     "model_type",
     "num_layers",
     "resolve_device",
     "resolve_dtype",
+    "resolve_model",
     "save_model_dir",
 ]

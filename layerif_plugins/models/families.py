@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from torch import nn
@@ -26,25 +26,58 @@ PARAM_GROUPS: tuple[str, ...] = ("attn", "mlp", "all")
 
 @dataclass(frozen=True)
 class Family:
-    """Where a model family keeps its decoder blocks, and how its linears are grouped."""
+    """Where a model family keeps its decoder blocks, how its linears are grouped, what PEFT targets.
+
+    Attributes:
+        blocks_path: dotted path of the ``nn.ModuleList`` of decoder blocks.
+        attn / mlp: regexes on a linear's name relative to its block.
+        peft_targets: the leaf names of the block's linear projections, as PEFT's
+            ``target_modules`` takes them (LoRA, LoRA-MoE, ``layerif moe`` / ``select-layers``
+            defaults); empty when the family's names are not listed (callers then discover
+            the block's linears).
+    """
 
     blocks_path: str
-    attn: str  # regex on the module name relative to the block
+    attn: str
     mlp: str
+    peft_targets: tuple[str, ...] = ()
 
 
-_LLAMA_LIKE = Family("model.layers", r"^self_attn\.", r"^mlp\.")
+#: the seven projections of every Llama-style block (attention q/k/v/o, gated MLP)
+LLAMA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LLAMA_LIKE = Family("model.layers", r"^self_attn\.", r"^mlp\.", LLAMA_PROJECTIONS)
 FAMILIES: dict[str, Family] = {
     **{t: _LLAMA_LIKE for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-        "phi3", "olmo", "olmo2", "granite", "cohere", "stablelm", "starcoder2", "smollm3",
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+        "olmo", "olmo2", "granite", "cohere", "stablelm", "smollm3",
     )},
-    "gpt2": Family("transformer.h", r"^attn\.", r"^mlp\."),
-    "gpt_neox": Family("gpt_neox.layers", r"^attention\.", r"^mlp\."),
-    "opt": Family("model.decoder.layers", r"^self_attn\.", r"^(fc1|fc2)$"),
-    "phi": Family("model.layers", r"^self_attn\.", r"^mlp\."),
-    "falcon": Family("transformer.h", r"^self_attention\.", r"^mlp\."),
+    # same block layout, other projection names (fused qkv / gate_up; GPT-style MLP; sparse-MoE MLP)
+    "phi3": Family("model.layers", r"^self_attn\.", r"^mlp\.", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "starcoder2": Family("model.layers", r"^self_attn\.", r"^mlp\.",
+                         ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
+    "mixtral": Family("model.layers", r"^self_attn\.", r"^mlp\.", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "gpt2": Family("transformer.h", r"^attn\.", r"^mlp\.", ("c_attn", "c_proj", "c_fc")),
+    "gpt_neox": Family("gpt_neox.layers", r"^attention\.", r"^mlp\.",
+                       ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    "opt": Family("model.decoder.layers", r"^self_attn\.", r"^(fc1|fc2)$",
+                  ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "phi": Family("model.layers", r"^self_attn\.", r"^mlp\.", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
+    "falcon": Family("transformer.h", r"^self_attention\.", r"^mlp\.",
+                     ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
 }
+
+
+def peft_targets_by_type() -> dict[str, list[str]]:
+    """``model_type`` → PEFT target names, for PEFT tuners' ``target_module_mapping``."""
+    return {t: list(f.peft_targets) for t, f in FAMILIES.items() if f.peft_targets}
+
+
+def peft_targets(model: nn.Module) -> list[str]:
+    """The PEFT ``target_modules`` of ``model``'s family; discovered from its block linears when not listed."""
+    fam = family_of(model)
+    if fam.peft_targets:
+        return list(fam.peft_targets)
+    return sorted({lin.local_name.rsplit(".", 1)[-1] for lin in block_linears(model, "all")})
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -69,10 +102,13 @@ def family_of(model: nn.Module) -> Family:
     mtype = model_type(model)
     if mtype in FAMILIES:
         return FAMILIES[mtype]
-    for fam in {f.blocks_path: f for f in FAMILIES.values()}.values():
+    by_path: dict[str, Family] = {}
+    for fam in FAMILIES.values():
+        by_path.setdefault(fam.blocks_path, fam)
+    for fam in by_path.values():
         if _get_attr_path(model, fam.blocks_path) is not None:
             logger.info("model_type %r not in the table; using blocks at %s", mtype, fam.blocks_path)
-            return fam
+            return replace(fam, peft_targets=())  # projection names unknown: peft_targets() discovers them
     raise ModelError(
         f"Cannot find the decoder blocks of model_type={mtype!r} ({type(model).__name__}). "
         f"Supported families: {', '.join(sorted(FAMILIES))}. Add a row to "

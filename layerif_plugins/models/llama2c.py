@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -271,3 +272,28 @@ def build_llama2c_tokenizer(path: str | Path, model_max_length: int = 512):
         clean_up_tokenization_spaces=False,
     )
     return tokenizer
+
+
+def load_llama2c(path: str | Path, tokenizer: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(HF model, HF tokenizer) from a llama2.c checkpoint and its tokenizer (found beside it by default)."""
+    path = Path(path)
+    model = load_llama2c_model(path, dtype=dtype)
+    tok = build_llama2c_tokenizer(find_llama2c_tokenizer(path, tokenizer), model.config.max_position_embeddings)
+    return model, tok
+
+
+def find_llama2c_tokenizer(path: Path, tokenizer: str | Path | None) -> Path:
+    """``tokenizer`` if given, else ``tok512.bin`` / ``tokenizer.bin`` / the one ``tok*.bin`` beside ``path``."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    for name in ("tok512.bin", "tokenizer.bin"):
+        if (path.parent / name).is_file():
+            return path.parent / name
+    candidates = sorted(path.parent.glob("tok*.bin"))
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ModelError(
+        f"No llama2.c tokenizer found beside {path} (looked for tok512.bin, tokenizer.bin, tok*.bin). "
+        "Pass it with --tokenizer PATH."
+    )

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from layerif_plugins.models import block_linears, fingerprint
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def hill_fit(eigs: torch.Tensor, bins: int = BINS, xmax_factor: float = XMAX_FAC
     return HillFit(float(alphas[best]), float(eigs[best]), float(ds[best]), n_total, int(idx.numel()))
 
 
-@register_scorer("alpha_hill", description="AlphaPruning heavy-tail Hill exponent of each block's weight spectra")
+@register_scorer("alpha_hill", direction=ScoreDirection.HIGHER_PRUNES,
+                 description="AlphaPruning heavy-tail Hill exponent of each block's weight spectra")
 def score_alpha_hill(
     model: nn.Module, data: ScoringData | None = None, bins: int = BINS, show_progress: bool = False
 ) -> LayerScores:

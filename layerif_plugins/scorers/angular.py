@@ -35,7 +35,7 @@ from layerif_plugins.errors import ConfigError
 from layerif_plugins.models import fingerprint, num_layers
 from layerif_plugins.scorers.hidden_states import iter_block_states, last_token
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ def redundancy_scores(distances: list[float], n: int, num_layers: int) -> list[f
     return out
 
 
-@register_scorer("angular", needs=("calib",),
+@register_scorer("angular", needs=("calib",), direction=ScoreDirection.HIGHER_PRUNES,
                  description="angular distance d(l, l+n) of the last token's state across n-layer blocks")
 def score_angular(
     model: nn.Module, data: ScoringData, n: int = 1, batch_size: int = 8, show_progress: bool = False

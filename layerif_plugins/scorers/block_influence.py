@@ -21,7 +21,7 @@ from torch import nn
 from layerif_plugins.models import fingerprint, num_layers
 from layerif_plugins.scorers.hidden_states import iter_block_states
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 
 def token_cosines(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def cosine_sums(states: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.T
     return sums.cpu(), int(m.sum())
 
 
-@register_scorer("block_influence", needs=("calib",),
+@register_scorer("block_influence", needs=("calib",), direction=ScoreDirection.HIGHER_PRUNES,
                  description="ShortGPT Block Influence 1 - E_tokens cos(h^l, h^{l+1})")
 def score_block_influence(
     model: nn.Module, data: ScoringData, batch_size: int = 8, show_progress: bool = False

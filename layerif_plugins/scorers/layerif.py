@@ -11,12 +11,12 @@ from layerif_plugins.engine import InfluenceConfig, compute_influence
 from layerif_plugins.engine.config import aggregate_positive
 from layerif_plugins.models import fingerprint
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 logger = logging.getLogger(__name__)
 
 
-@register_scorer("layerif", needs=("train", "val"),
+@register_scorer("layerif", needs=("train", "val"), direction=ScoreDirection.HIGHER_PRUNES,
                  description="layer-wise DataInf influence of the train set on the validation loss")
 def score_layerif(
     model: nn.Module,

@@ -7,9 +7,9 @@ block, the share of weights whose score exceeds ``M`` times the block's mean sco
 ``D_l = 100 · mean(1[A > M · mean(A_l)])`` over all linear modules of the block (M = 5).
 
 Unlike every other scorer, a *higher* OWL score means *less* sparsity (outlier-rich
-layers are protected): the file says so in ``higher_is`` and ``params["allocation"]``,
-and :func:`layerif_plugins.allocate.sparsity.sparsity_from_scores` applies
-:func:`~layerif_plugins.allocate.sparsity.owl_sparsity` to it.
+layers are protected): the scorer declares ``ScoreDirection.HIGHER_PROTECTS``, the file
+stores it as ``direction``, and :func:`layerif_plugins.allocate.sparsity.sparsity_from_scores`
+applies :func:`~layerif_plugins.allocate.sparsity.owl_sparsity` to it.
 
 llm-compressor's own OWL (``sparsity_profile="owl"``) accumulates
 ``Σ_batches ||x_j||_batch / 128`` instead of ``sqrt(s_j)``: identical up to a constant
@@ -31,7 +31,7 @@ from layerif_plugins.data import batches
 from layerif_plugins.errors import DataError
 from layerif_plugins.models import LinearModule, block_linears, fingerprint, linear_weight_is_transposed
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +143,12 @@ def owl_layer_scores(
         },
         data=data or {},
         per_module=per_module,
+        direction=ScoreDirection.HIGHER_PROTECTS,
         higher_is=HIGHER_IS,
     )
 
 
-@register_scorer("owl", needs=("calib",),
+@register_scorer("owl", needs=("calib",), direction=ScoreDirection.HIGHER_PROTECTS,
                  description="OWL outlier ratio of Wanda scores on calibration data (more outliers → less sparsity)")
 def score_owl(
     model: nn.Module, data: ScoringData, m: float = OWL_M, batch_size: int = 8, show_progress: bool = False

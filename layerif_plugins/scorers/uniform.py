@@ -6,10 +6,11 @@ from torch import nn
 
 from layerif_plugins.models import fingerprint
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 
-@register_scorer("uniform", description="all layers equal (allocations degenerate to uniform)")
+@register_scorer("uniform", direction=ScoreDirection.HIGHER_PRUNES,
+                 description="all layers equal (allocations degenerate to uniform)")
 def score_uniform(model: nn.Module, data: ScoringData) -> LayerScores:
     """All layers equal (allocations degenerate to uniform)."""
     fp = fingerprint(model)

@@ -12,8 +12,8 @@ tokens: ``x_i ∈ R^d`` with class ``y_i ∈ Y``. With class means ``μ_c`` and 
 A low ``ν`` means examples of one class sit tightly around their mean relative to the
 distance between classes: the layer's representation is specialised for the task.
 ``scores[l] = ν_l`` (higher = more variable = less task-specialised, in line with the
-project convention); :func:`layerif_plugins.allocate.layers.layers_to_adapt` picks the
-*lowest* ``ν`` for this method.
+project convention); the scorer declares ``ScoreDirection.LOWER_ADAPTS``, so
+:func:`layerif_plugins.allocate.layers.layers_to_adapt` picks the *lowest* ``ν``.
 
 Numerics: ``Σ_b`` has rank ≤ ``|Y| − 1``, so ``Σ_b⁺`` comes from the SVD of the
 centred-means matrix ``M = [μ_c − μ_G]`` (d × |Y|): with ``M = U S Vᵀ``,
@@ -33,7 +33,7 @@ from layerif_plugins.errors import DataError, NumericsError
 from layerif_plugins.models import fingerprint
 from layerif_plugins.scorers.hidden_states import iter_block_states, masked_mean
 from layerif_plugins.scorers.registry import ScoringData, register_scorer
-from layerif_plugins.scores import LayerScores
+from layerif_plugins.scores import LayerScores, ScoreDirection
 
 
 def check_labels(labels: Sequence[int] | None, n_examples: int) -> list[int]:
@@ -73,7 +73,7 @@ def variability(features: torch.Tensor, labels: Sequence[int]) -> float:
     return trace / n_classes
 
 
-@register_scorer("variability", needs=("calib", "labels"),
+@register_scorer("variability", needs=("calib", "labels"), direction=ScoreDirection.LOWER_ADAPTS,
                  description="hidden-state variability trace(Sigma_w Sigma_b^+)/|Y| of mean-pooled block outputs")
 def score_variability(
     model: nn.Module, data: ScoringData, batch_size: int = 8, show_progress: bool = False

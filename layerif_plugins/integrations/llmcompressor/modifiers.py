@@ -20,14 +20,15 @@ What happens in ``on_initialize`` (before any weight is touched):
 * ``targets`` defaults to the model's decoder-block class (``LlamaDecoderLayer``,
   ``Qwen2DecoderLayer`` … from :func:`layerif_plugins.models.block_class_name`): a
   per-layer list only lines up with block targets; ``re:.*lm_head`` is always ignored.
-* the scores file is read and checked against the model's fingerprint (a file for
-  another model is refused, naming the differing field); its method must equal
-  ``allocation``;
-* without a scores file, ``alpha_hill`` is computed from the weights and ``owl`` from
-  llm-compressor's calibration dataloader (one extra forward pass over it, as
-  llm-compressor's own OWL does); ``layerif`` needs a file (``layerif score``);
+* the scores file is read through :func:`~layerif_plugins.scorers.resolve_scores`: its
+  method must equal ``allocation`` and it is checked against the model's fingerprint (a
+  file for another model is refused, naming the differing field);
+* without a scores file, ``alpha_hill`` is computed from the weights (the registry's
+  scorer) and ``owl`` from llm-compressor's calibration dataloader (one extra forward pass
+  over it, as llm-compressor's own OWL does); ``layerif`` needs a file (``layerif score``);
 * the per-layer list is :func:`~layerif_plugins.allocate.sparsity.sparsity_from_scores`
-  (METHOD.md §2b; OWL's mapping for ``owl``) with the block sizes as weights.
+  with the scores' direction (docs/method.md §2b; OWL's mapping for protect scores such as
+  ``owl``) and the block sizes as weights.
 
 N:M ``mask_structure`` ignores per-layer ratios upstream, so it is refused, as is
 ``sparsity_profile="owl"`` (broken in llm-compressor 0.14.0.1: use ``allocation: owl``).
@@ -51,15 +52,21 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from layerif_plugins.allocate.sparsity import check_target, default_epsilon, sparsity_from_scores, weighted_mean
-from layerif_plugins.errors import AllocationError, ConfigError, ScoresError
+from layerif_plugins.allocate.sparsity import (
+    ALLOCATIONS,
+    check_target,
+    default_epsilon,
+    sparsity_from_scores,
+    weighted_mean,
+)
+from layerif_plugins.errors import AllocationError, ConfigError
 from layerif_plugins.models import block_class_name, blocks_prefix, decoder_blocks
 from layerif_plugins.scores import LayerScores
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["layerif", "owl", "alpha_hill", "uniform"]
-ALLOCATIONS: tuple[str, ...] = ("layerif", "owl", "alpha_hill", "uniform")
+# the pydantic field type, from the one list of allocation names in allocate/sparsity.py
+Allocation = Literal[ALLOCATIONS]  # type: ignore[valid-type]
 LM_HEAD_IGNORE = "re:.*lm_head"
 
 
@@ -112,9 +119,9 @@ def params_per_layer(modules: Iterable[tuple[int, str, torch.nn.Module]], num_la
 
 
 def _compute_alpha_hill(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
-    from layerif_plugins.scorers.alpha_hill import score_alpha_hill
+    from layerif_plugins.scorers import resolve_scores
 
-    return score_alpha_hill(model, show_progress=show_progress)
+    return resolve_scores(model, "alpha_hill", show_progress=show_progress)
 
 
 def _compute_owl(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
@@ -228,7 +235,7 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         if layer_scores is None:
             sparsities = [float(self.sparsity)] * num_layers
         else:
-            sparsities = sparsity_from_scores(layer_scores.scores, layer_scores.method, params,
+            sparsities = sparsity_from_scores(layer_scores.scores, layer_scores.direction, params,
                                               float(self.sparsity), epsilon=self.epsilon)
         self._layer_sparsity = sparsities
         self._allocation_info = {
@@ -251,14 +258,10 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         if self.allocation == "uniform":
             return None
         if self.scores is not None:
+            from layerif_plugins.scorers import resolve_scores
+
             path = resolve_scores_path(self.scores)
-            scores = LayerScores.load(path)
-            scores.check_model(model)
-            if scores.method != self.allocation:
-                raise ScoresError(
-                    f"{path} holds {scores.method!r} scores but allocation is {self.allocation!r}; "
-                    f"set allocation: {scores.method} or use a {self.allocation!r} scores file"
-                )
+            scores = resolve_scores(model, self.allocation, path, role="allocation")
             self.scores = str(path)  # the saved recipe records the resolved file
             return scores
         if self.allocation not in _SELF_SCORING:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from layerif_plugins.allocate.sparsity import check_target, weighted_mean
-from layerif_plugins.errors import ConfigError, ModelError, ScoresError
+from layerif_plugins.errors import ConfigError, ModelError
 from layerif_plugins.integrations.llmcompressor.modifiers import (
     ALLOCATIONS,
     LayerIFSparseGPTModifier,
@@ -29,7 +29,8 @@ from layerif_plugins.integrations.llmcompressor.modifiers import (
     prunable_modules,
 )
 from layerif_plugins.io import atomic_dir, atomic_write_json, check_parent
-from layerif_plugins.scores import LayerScores, library_versions
+from layerif_plugins.models import CATALOGUE, model_dir_for
+from layerif_plugins.scores import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +65,6 @@ def measure_sparsity(model: torch.nn.Module, layer_targets: list[float], targets
         "weighted_mean_target": weighted_mean([r["target"] for r in layers], params),
         "weighted_mean_measured": sum(r["zeros"] for r in layers) / sum(params),
     }
-
-
-def _model_dir(model_path: Path, tmp: Path) -> Path:
-    """An HF directory oneshot can load: the path itself, or a llama2.c ``.bin`` converted into ``tmp``."""
-    if model_path.suffix == ".bin" and model_path.is_file():
-        from layerif_plugins.models import load_model_and_tokenizer, save_model_dir
-
-        model, tok = load_model_and_tokenizer(model_path, device="cpu")
-        return save_model_dir(model, tok, tmp / "model")
-    if not (model_path / "config.json").is_file():
-        raise ModelError(
-            f"{model_path} is neither an HF model directory (no config.json) nor a llama2.c .bin checkpoint"
-        )
-    return model_path
 
 
 def _calibration_dataset(calib: str | Path, tokenizer: Any, n_calib: int, max_length: int) -> Any:
@@ -155,24 +142,25 @@ def prune_model(
         )
     scores_path = None
     if scores is not None:
+        from layerif_plugins.scorers import resolve_scores
+
         scores_path = Path(scores).expanduser().resolve()
-        method = LayerScores.load(scores_path).method  # fails early on a missing / malformed file
-        if method != allocation:
-            raise ScoresError(f"{scores_path} holds {method!r} scores but allocation is {allocation!r}")
+        # fails early on a missing / malformed file or one of another method; the modifier checks the model
+        resolve_scores(None, allocation, scores_path, role="allocation")
     modifier = ALGORITHMS[algorithm](
         sparsity=sparsity, allocation=allocation, epsilon=epsilon,
         scores=str(scores_path) if scores_path else None,
     ).show_progress(show_progress)
-    model_path = Path(model_path)
-    if not model_path.exists():
-        raise ModelError(f"model not found: {model_path}")
+    if str(model_path) not in CATALOGUE and not Path(model_path).exists():
+        raise ModelError(f"model not found: {model_path} (an HF dir, llama2.c .bin, .gguf or a `layerif models list` "
+                         "name)")
 
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="layerif-prune-") as work:
-        model_dir = _model_dir(model_path, Path(work))
+        model_dir = model_dir_for(model_path, work)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         dataset, examples = _calibration_dataset(calib, tokenizer, n_calib, max_length)
         try:

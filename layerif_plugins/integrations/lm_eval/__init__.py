@@ -40,9 +40,9 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.evaluation.checks import check_model_dir
@@ -50,6 +50,9 @@ from layerif_plugins.evaluation.documents import read_mc_items, read_perplexity_
 from layerif_plugins.evaluation.tasks import BUILTIN_TASKS, builtin_task_rows
 from layerif_plugins.io import atomic_write_json, atomic_write_text
 from layerif_plugins.report import markdown_table
+
+if TYPE_CHECKING:
+    from layerif_plugins.integrations.vllm_backend import VllmOptions
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +290,7 @@ def evaluate(
     task_dir: str | Path | None = None,
     vllm_python: str | Path | None = None,
     vllm_args: Mapping[str, Any] | None = None,
+    vllm_options: VllmOptions | None = None,
 ) -> EvalResult:
     """Evaluate a model with lm-eval on local-file tasks.
 
@@ -294,14 +298,18 @@ def evaluate(
         model: an HF model directory, or (hf backend) an in-memory causal LM (then pass ``tokenizer``).
         tasks: ``"perplexity:FILE"``, ``"mc:FILE"``, built-in names, or :class:`TaskSpec` objects.
         tokenizer: a tokenizer object (in-memory model) or a tokenizer directory (default: the model dir).
-        backend: ``"hf"`` in this process, or ``"vllm"`` in the vLLM environment (see :mod:`.vllm`).
+        backend: ``"hf"`` in this process, or ``"vllm"`` (lm-eval's ``vllm`` model) in the vLLM
+            environment, on CPU or GPU (see :mod:`layerif_plugins.integrations.vllm_backend`).
         device / dtype: hf backend placement (``auto``: cuda when available) and weight dtype
-            (default ``float32`` for hf, ``auto`` for vllm).
+            (default ``float32`` for both backends: vLLM's ``auto`` would run a float32 checkpoint
+            in bfloat16 / float16).
         max_length: context length for the model (default: the model config's).
         max_docs: keep the first N documents / items of every task without its own ``max_docs``.
         fields: multiple-choice field mapping applied to ``mc:`` tasks given as strings.
         task_dir: where the YAML + JSONL files and the datasets cache go (default: a temp dir, removed after).
         vllm_python / vllm_args: the vLLM interpreter and extra ``vllm.LLM`` arguments (vllm backend).
+        vllm_options: KV-cache size, threads … (:class:`~layerif_plugins.integrations.vllm_backend.VllmOptions`);
+            ``dtype`` and ``vllm_args``, when given, override its fields.
     """
     specs = [parse_task(t, fields=fields) for t in tasks]
     if not specs:
@@ -317,7 +325,8 @@ def evaluate(
             raise ConfigError("an in-memory model needs its tokenizer object: evaluate(model, tasks, tokenizer=tok)")
     else:
         check_model_dir(model, tokenizer if isinstance(tokenizer, (str, Path)) else None)
-    dtype = dtype or ("float32" if backend == "hf" else "auto")
+    if dtype is None:
+        dtype = vllm_options.dtype if backend == "vllm" and vllm_options is not None else "float32"
     tmp = None
     if task_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="layerif-lm-eval-")
@@ -328,10 +337,12 @@ def evaluate(
         if backend == "hf":
             raw = _run_hf(model, tokenizer, built, task_dir, batch_size, device, dtype, max_length)
         else:
-            from layerif_plugins.integrations.vllm_backend import run_lm_eval_vllm
+            from layerif_plugins.integrations.vllm_backend import VllmOptions, run_lm_eval_vllm
 
-            raw = run_lm_eval_vllm(model, task_dir, task_groups(built), batch_size=batch_size, dtype=dtype,
-                                   max_length=max_length, python=vllm_python, llm_args=vllm_args,
+            opts = vllm_options or VllmOptions()
+            opts = replace(opts, dtype=dtype, llm_args={**opts.llm_args, **(vllm_args or {})})
+            raw = run_lm_eval_vllm(model, task_dir, task_groups(built), batch_size=batch_size,
+                                   max_length=max_length, python=vllm_python, options=opts,
                                    tokenizer=tokenizer if isinstance(tokenizer, (str, Path)) else None)
         seconds = time.perf_counter() - t0
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from layerif_plugins.allocate.experts import LAYOUTS, ExpertLayout, expert_layout
+from layerif_plugins.allocate.experts import LAYOUTS, SCORED_LAYOUTS, ExpertLayout, expert_layout
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.integrations.peft_moe.config import LoraMoeConfig
 from layerif_plugins.io import atomic_dir, atomic_write_json
@@ -48,10 +48,10 @@ def moe_layout(
         scores.check_model(model)
         values = scores.scores
         source = {"scores_method": scores.method, "scores_params": scores.params, "scores_data": scores.data}
-    elif layout in ("layerif", "alphalora"):
+    elif layout in SCORED_LAYOUTS:
         raise ConfigError(
             f"layout {layout!r} needs layer scores: pass a LayerScores file (`layerif score --method "
-            f"{'layerif' if layout == 'layerif' else 'alpha_hill'}`)"
+            f"{SCORED_LAYOUTS[layout]}`)"
         )
     return expert_layout(layout, num_layers(model), budget, scores=values, beta=beta, max_top_k=max_top_k,
                          source=source)

@@ -12,14 +12,13 @@ from typing import Any
 from peft.config import PeftConfig
 
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.models.families import LLAMA_PROJECTIONS
 
 # The PEFT type string. PEFT's ``PeftType`` enum is closed, so the method is registered under
 # a plain string key (see ``__init__.py``). The ``LAYERIF_`` namespace keeps it from ever
 # colliding with a future PEFT member, and names the plugin when PEFT fails to find it
 # (``KeyError: 'LAYERIF_LORA_MOE'`` = "import layerif_plugins first").
 LORA_MOE_PEFT_TYPE = "LAYERIF_LORA_MOE"
-
-LLAMA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _LAYER_OF_KEY = re.compile(r"^(?P<layer>.*?\.\d+)\.")
 

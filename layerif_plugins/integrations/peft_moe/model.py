@@ -17,7 +17,6 @@ from torch import nn
 
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.integrations.peft_moe.config import (
-    LLAMA_PROJECTIONS,
     LoraMoeConfig,
     layer_key_of,
     match_pattern_key,
@@ -29,11 +28,10 @@ from layerif_plugins.integrations.peft_moe.layer import (
     LoraMoeMergeError,
     TokenMask,
 )
+from layerif_plugins.models.families import peft_targets_by_type
 
-_LLAMA_LIKE = list(LLAMA_PROJECTIONS)
-TARGET_MODULE_MAPPING: dict[str, list[str]] = {
-    t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")
-}
+# PEFT's per-model-type defaults, from the one family table (LoraMoeConfig always names its targets)
+TARGET_MODULE_MAPPING: dict[str, list[str]] = peft_targets_by_type()
 
 
 class LoraMoeModel(BaseTuner):
