@@ -225,3 +225,49 @@ def test_demo_pipeline_depth_methods_by_configuration(tmp_path: Path):
     assert f"| drop1-last | last | [4] | 4 | {ppl:.4g} |" in report
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["depth"]["drop1-last"]["dropped"] == [4] and summary["sparsity"] == {}
+
+    # a second run into the same directory resumes: every step reused, the same numbers
+    said: list[str] = []
+    again = run_demo(cfg, tmp_path / "demo", progress=lambda _t, msg: said.append(msg))
+    assert sum(m.startswith("reusing") for m in said) == 1 + 2 + 2  # dense, two scores files, two dropped models
+    assert all("(reusing the earlier run's)" in m for m in said if m.startswith("lm-eval"))
+    assert again.evals["drop1-last"].metric("tinystories", "word_perplexity") == ppl
+    assert again.scores["tinystories"].scores == scores.scores
+    # other settings: the dependent steps are recomputed, not reused
+    said.clear()
+    run_demo(stories260k_config(skip_prune=True, depth_methods=("last",), n_train=8, n_val=8, n_calib=8,
+                                n_eval_docs=5, n_mc=8, vllm_check=False, show_progress=False),
+             tmp_path / "demo", progress=lambda _t, msg: said.append(msg))
+    assert any(m == "lm-eval 2/2: drop1-last" for m in said)  # 5 documents now: evaluated again
+
+
+def test_smollm2_demo_is_a_configuration():
+    """`layerif demo --model smollm2-135m` picks its own DemoConfig: WikiText-2 + TinyStories, 50/60/70 %, vLLM."""
+    from layerif_plugins.cli import build_parser
+    from layerif_plugins.cli.demo import config_from_args
+    from layerif_plugins.pipelines.demo import config_for, steps
+
+    cfg = config_for("smollm2-135m")
+    assert cfg.model == "smollm2-135m" and [t.name for t in cfg.tasks] == ["wikitext2", "tinystories"]
+    assert cfg.sparsities == (0.5, 0.6, 0.7) and cfg.depth_methods == ("angular", "layerif", "last")
+    assert cfg.vllm_serve and steps(cfg)[-1] == "vLLM serve drop4-last"
+    assert config_for(None).title == "stories260K" and not config_for(None).vllm_serve
+    args = build_parser().parse_args(["demo", "--model", "smollm2-135m", "--n-train", "64", "--out", "o"])
+    got = config_from_args(args)  # only what the command line gives overrides the model's configuration
+    assert (got.n_train, got.n_val, got.sparsities, got.log_dir) == (64, cfg.n_val, cfg.sparsities, Path("o/logs"))
+
+
+@pytest.mark.vllm
+def test_demo_vllm_section_skips_a_model_vllm_cannot_serve(stories_dir: Path, tinystories_valid: Path):
+    """stories260K (head_dim 8) cannot be served by vLLM on CPU: the section says why instead of failing."""
+    import shutil
+
+    from layerif_plugins.integrations.vllm_backend import vllm_unavailable_reason
+    from layerif_plugins.pipelines.demo import StageClock, serve_all, stories260k_config
+
+    if vllm_unavailable_reason() is not None or shutil.which("nvidia-smi"):
+        pytest.skip("needs the CPU vLLM environment (make vllm-env)")
+    said: list[str] = []
+    out = serve_all({"dense": stories_dir}, tinystories_valid, stories260k_config(vllm_docs=2), StageClock(),
+                    progress=lambda _t, msg: said.append(msg))
+    assert "head_dim" in out["skipped"] and said and said[-1].startswith("vLLM section skipped")

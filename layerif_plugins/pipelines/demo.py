@@ -145,6 +145,9 @@ class DemoConfig:
         vllm_kv_cache_gib: vLLM's KV cache (on CPU: GiB of RAM).
         log_dir: where library INFO logs and lm-eval's own progress bars go (None: the logging setup of
             the caller, lm-eval's bars on the terminal).
+        resume: reuse what an earlier run into the same ``out`` already made with the same settings (the
+            converted model, scores, pruned and depth-dropped models, their evaluations), so an interrupted
+            run goes on where it stopped; whatever depends on a recomputed step is recomputed too.
         show_progress: tqdm bars.
     """
 
@@ -181,6 +184,7 @@ class DemoConfig:
     vllm_max_tokens: int = 64
     vllm_kv_cache_gib: float = 1.0
     log_dir: Path | None = None
+    resume: bool = True
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -286,7 +290,7 @@ def smollm2_config(model: str | Path | None = None, **overrides: Any) -> DemoCon
         "title": "SmolLM2-135M", "model": model or "smollm2-135m", "tasks": (wikitext, stories),
         "calib": shared_data("wikitext-2", "valid.txt"), "calib_label": "WikiText-2 validation",
         "metrics": metrics, "sparsities": (0.5, 0.6, 0.7), "n_train": 32, "n_val": 16, "batch_size": 8,
-        "n_calib": 32, "n_eval_docs": 40, "n_mc": 100, "eval_batch_size": 8, "threads": 0,
+        "n_calib": 32, "n_eval_docs": 20, "n_mc": 40, "eval_batch_size": 8, "threads": 0,
         "depth_methods": ("angular", "layerif", "last"), "depth_k": 4, "vllm_serve": True}
     return DemoConfig(**{**settings, **overrides})
 
@@ -409,8 +413,9 @@ def _task_examples(task: DemoTask, tok: Any, config: DemoConfig) -> tuple[Exampl
 
 
 def score_tasks(model: Any, tok: Any, config: DemoConfig, out: Path, clock: StageClock,
-                progress: Progress = _log_progress) -> dict[str, LayerScores]:
-    """Score ``model`` on every task (saved as ``out/scores_<task>.json``)."""
+                progress: Progress = _log_progress, reused: set[str] | None = None) -> dict[str, LayerScores]:
+    """Score ``model`` on every task (saved as ``out/scores_<task>.json``; ``scores:<task>`` added to ``reused``
+    when an earlier run's file is reused)."""
     from layerif_plugins.engine import InfluenceConfig
     from layerif_plugins.scorers import ScoringData, resolve_scores
 
@@ -418,10 +423,17 @@ def score_tasks(model: Any, tok: Any, config: DemoConfig, out: Path, clock: Stag
     results: dict[str, LayerScores] = {}
     for task in config.tasks:
         train, val = _task_examples(task, tok, config)
-        scores = resolve_scores(model, config.method, data=ScoringData(train=train, val=val, pad_id=pad_id_of(tok)),
-                                config=engine)
-        scores.params["max_length"] = config.max_length
-        scores.save(out / f"scores_{task.name}.json")
+        path = out / f"scores_{task.name}.json"
+        data = ScoringData(train=train, val=val, pad_id=pad_id_of(tok))
+        scores = _reusable_scores(model, path, data, config)
+        if scores is None:
+            scores = resolve_scores(model, config.method, data=data, config=engine)
+            scores.params["max_length"] = config.max_length
+            scores.save(path)
+        else:
+            progress(clock.total, f"reusing {path.name} (same model, data and settings)")
+            if reused is not None:
+                reused.add(f"scores:{task.name}")
         results[task.name] = scores
         clock.done(f"LayerIF scores ({task.name})")
         progress(clock.total, f"LayerIF {task.name}: {', '.join(f'{s:.4g}' for s in scores.scores)} "
@@ -429,9 +441,73 @@ def score_tasks(model: Any, tok: Any, config: DemoConfig, out: Path, clock: Stag
     return results
 
 
+def _same_weights(model: Any, hf_dir: Path) -> bool:
+    """True when the safetensors in ``hf_dir`` hold exactly ``model``'s weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        return False
+    for f in files:
+        for name, tensor in load_file(str(f)).items():
+            if name not in state or not torch.equal(state[name].detach().cpu(), tensor):
+                return False
+    return True
+
+
+def _reusable_scores(model: Any, path: Path, data: Any, config: DemoConfig) -> LayerScores | None:
+    """The scores file of an earlier run when it was made from the same model, data and settings."""
+    from layerif_plugins.errors import ScoresError
+    from layerif_plugins.scorers import resolve_scores
+
+    if not (config.resume and path.is_file()):
+        return None
+    try:
+        scores = resolve_scores(model, config.method, path)
+    except ScoresError:
+        return None
+    same = (scores.params.get("max_length") == config.max_length and scores.params.get("params") == config.params
+            and scores.data == data.fingerprints())
+    return scores if same else None
+
+
+def _json_if(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _reusable_prune(path: Path, alloc: str, sparsity: float, scores_file: Path | None,
+                    config: DemoConfig) -> dict[str, Any] | None:
+    """``prune_model``'s report of an earlier run when it pruned the same way (else None)."""
+    from layerif_plugins.integrations.llmcompressor.prune import REPORT_NAME
+
+    rep = _json_if(path / REPORT_NAME) if config.resume else None
+    if rep is None:
+        return None
+    calib = rep.get("calib") or {}
+    same = (rep.get("algorithm") == "wanda" and rep.get("allocation") == alloc
+            and rep.get("target_sparsity") == sparsity and rep.get("epsilon") == config.epsilon
+            and calib.get("source") == str(config.calib) and calib.get("n") == config.n_calib
+            and calib.get("max_length") == config.max_length
+            and rep.get("scores") == (str(scores_file.resolve()) if scores_file else None))
+    return rep if same else None
+
+
 def prune_all(hf_dir: Path, config: DemoConfig, out: Path, clock: StageClock,
-              progress: Progress = _log_progress) -> dict[str, dict[str, Any]]:
-    """Every (sparsity, allocation) pair → its ``prune_model`` report, keyed by the model label."""
+              progress: Progress = _log_progress, fresh: bool = True,
+              reused: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every (sparsity, allocation) pair → its ``prune_model`` report, keyed by the model label.
+
+    ``fresh``: the dense model or the scores were (re)made in this run, so no earlier pruned model is
+    reused; the labels of reused ones are added to ``reused``.
+    """
+    reused = reused if reused is not None else set()
     from layerif_plugins.integrations.llmcompressor import prune_model
 
     scores_file = out / f"scores_{config.scores_task.name}.json"
@@ -439,13 +515,18 @@ def prune_all(hf_dir: Path, config: DemoConfig, out: Path, clock: StageClock,
     for sparsity in config.sparsities:
         for alloc in config.allocations:
             label = model_label(sparsity, alloc)
-            progress(clock.total, f"Wanda {sparsity:.0%} with {alloc} ratios → {label}")
-            rep = prune_model(
-                hf_dir, out / "models" / label, algorithm="wanda", sparsity=sparsity, allocation=alloc,
-                scores=scores_file if alloc == config.method else None, epsilon=config.epsilon,
-                calib=config.calib, n_calib=config.n_calib, max_length=config.max_length,
-                overwrite=True, show_progress=config.show_progress,
-            )
+            used = scores_file if alloc == config.method else None
+            rep = None if fresh else _reusable_prune(out / "models" / label, alloc, sparsity, used, config)
+            if rep is not None:
+                progress(clock.total, f"reusing {label} (pruned the same way by an earlier run)")
+                reused.add(label)
+            else:
+                progress(clock.total, f"Wanda {sparsity:.0%} with {alloc} ratios → {label}")
+                rep = prune_model(
+                    hf_dir, out / "models" / label, algorithm="wanda", sparsity=sparsity, allocation=alloc,
+                    scores=used, epsilon=config.epsilon, calib=config.calib, n_calib=config.n_calib,
+                    max_length=config.max_length, overwrite=True, show_progress=config.show_progress,
+                )
             reports[label] = {**rep, "label": label, "alloc": alloc, "sparsity": sparsity}
             clock.done("prune (llm-compressor oneshot)")
             per_layer = ", ".join(format(row["measured"], ".3f") for row in rep["layers"])
@@ -454,8 +535,10 @@ def prune_all(hf_dir: Path, config: DemoConfig, out: Path, clock: StageClock,
 
 
 def drop_all(hf_dir: Path, config: DemoConfig, scores: dict[str, LayerScores], out: Path, clock: StageClock,
-             progress: Progress = _log_progress) -> dict[str, dict[str, Any]]:
+             progress: Progress = _log_progress, fresh: bool = True,
+             reused: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Every depth method → a model with ``depth_k`` blocks removed (saved), keyed by its label."""
+    reused = reused if reused is not None else set()
     from layerif_plugins.allocate.layers import last_layers, layers_to_drop
     from layerif_plugins.depth.drop import drop_layers, save_dropped
     from layerif_plugins.models import load_model_and_tokenizer
@@ -464,6 +547,17 @@ def drop_all(hf_dir: Path, config: DemoConfig, scores: dict[str, LayerScores], o
     reports: dict[str, dict[str, Any]] = {}
     calib: Examples | None = None
     for method in config.depth_methods:
+        label = depth_label(config.depth_k, method)
+        settings = {"method": method, "k": config.depth_k, "calib": str(config.calib), "n_calib": config.n_calib,
+                    "max_length": config.max_length}
+        earlier = None if fresh or not config.resume else _json_if(out / "models" / label / "layer_drop.json")
+        if earlier is not None and earlier.get("demo") == settings:
+            progress(clock.total, f"reusing {label} (dropped layers {earlier['dropped']} in an earlier run)")
+            reports[label] = {"label": label, "method": method, "dropped": earlier["dropped"],
+                              "layers": len(earlier["kept"]), "out": str(out / "models" / label),
+                              "scores": earlier.get("scores")}
+            reused.add(label)
+            continue
         model, tok = load_model_and_tokenizer(hf_dir, device="cpu")  # a fresh copy: dropping is in place
         n_layers = model.config.num_hidden_layers
         used: LayerScores | None = None
@@ -476,10 +570,10 @@ def drop_all(hf_dir: Path, config: DemoConfig, scores: dict[str, LayerScores], o
                 calib = calib or load_examples(config.calib, tok, config.max_length, n=config.n_calib)
                 used = resolve_scores(model, method, data=ScoringData(calib=calib, pad_id=pad_id_of(tok)))
             layers = layers_to_drop(used, config.depth_k)
-        label = depth_label(config.depth_k, method)
         info = drop_layers(model, layers)
         path = save_dropped(model, tok, out / "models" / label,
-                            {**info.to_dict(), "method": method, "scores": used.scores if used else None})
+                            {**info.to_dict(), "method": method, "scores": used.scores if used else None,
+                             "demo": settings})
         reports[label] = {"label": label, "method": method, "dropped": info.dropped, "layers": len(info.kept),
                           "out": str(path), "scores": used.scores if used else None}
         clock.done("depth drop")
@@ -515,19 +609,31 @@ def write_heldout(config: DemoConfig, out: Path) -> dict[str, Path]:
 
 
 def evaluate_all(models: dict[str, Path], heldout: dict[str, Path], config: DemoConfig, out: Path,
-                 clock: StageClock, progress: Progress = _log_progress) -> dict[str, Any]:
-    """lm-eval (hf backend) of every model on every held-out task; each result saved beside the models."""
-    from layerif_plugins.integrations.lm_eval import TaskSpec, evaluate
+                 clock: StageClock, progress: Progress = _log_progress,
+                 reused: set[str] | None = None) -> dict[str, Any]:
+    """lm-eval (hf backend) of every model on every held-out task; each result saved beside the models.
+
+    A model in ``reused`` (made by an earlier run) keeps that run's evaluation when it covered the same
+    tasks with the same numbers of documents.
+    """
+    from layerif_plugins.integrations.lm_eval import EvalResult, TaskSpec, evaluate
 
     mc_names = {t.mc_name for t in config.tasks if t.mc}
     tasks = [TaskSpec("mc" if name in mc_names else "perplexity", path, name=name) for name, path in heldout.items()]
     results = {}
+    want_docs = {name: config.n_mc if name in mc_names else config.n_eval_docs for name in heldout}
     for k, (label, path) in enumerate(models.items(), 1):
+        saved = out / "models" / f"eval_{label}.json"
+        earlier = EvalResult.load(saved) if label in (reused or set()) and saved.is_file() else None
+        if earlier is not None and {n: t.docs for n, t in earlier.tasks.items()} == want_docs:
+            progress(clock.total, f"lm-eval {k}/{len(models)}: {label} (reusing the earlier run's)")
+            results[label] = earlier
+            continue
         progress(clock.total, f"lm-eval {k}/{len(models)}: {label}")
         with _output_to_log(config.log_dir, "lm_eval.log"):
             results[label] = evaluate(path, tasks, device="cpu", batch_size=config.eval_batch_size,
                                       task_dir=out / "lm_eval_tasks")
-        results[label].save(out / "models" / f"eval_{label}.json")
+        results[label].save(saved)
         clock.done("lm-eval (hf backend)")
         r = results[label]
         progress(clock.total, "  " + ", ".join(f"{v.short} {r.metric(v.task, v.metric):{v.fmt}}"
@@ -642,16 +748,23 @@ def _run(config: DemoConfig, out: Path, progress: Progress) -> DemoResult:
     (out / "models").mkdir(parents=True, exist_ok=True)
     clock = StageClock()
     model, tok = load_model_and_tokenizer(config.model, device="cpu")
-    hf_dir = save_model_dir(model, tok, out / "models" / "dense")
+    hf_dir = out / "models" / "dense"
+    reused: set[str] = set()
+    if config.resume and (hf_dir / "config.json").is_file() and _same_weights(model, hf_dir):
+        reused.add("dense")
+        progress(clock.total, f"reusing {hf_dir} (the same weights as {Path(str(config.model)).name})")
+    else:
+        save_model_dir(model, tok, hf_dir)
+        progress(clock.total, f"converted {Path(str(config.model)).name} → {hf_dir}")
     clock.done("convert")
-    progress(clock.total, f"converted {Path(config.model).name} → {hf_dir}")
 
-    scores = score_tasks(model, tok, config, out, clock, progress)
-    reports = {} if config.skip_prune else prune_all(hf_dir, config, out, clock, progress)
-    depth = drop_all(hf_dir, config, scores, out, clock, progress)
+    scores = score_tasks(model, tok, config, out, clock, progress, reused)
+    fresh = not {"dense", *(f"scores:{t.name}" for t in config.tasks)} <= reused
+    reports = {} if config.skip_prune else prune_all(hf_dir, config, out, clock, progress, fresh, reused)
+    depth = drop_all(hf_dir, config, scores, out, clock, progress, fresh, reused)
     models = {"dense": hf_dir, **{label: Path(r["out"]) for label, r in {**reports, **depth}.items()}}
     heldout = write_heldout(config, out)
-    evals = evaluate_all(models, heldout, config, out, clock, progress)
+    evals = evaluate_all(models, heldout, config, out, clock, progress, reused)
 
     measured = {"dense": 0.0, **{label: rep["weighted_mean_measured"] for label, rep in reports.items()}}
     extra: dict[str, dict[str, object]] = {label: {"sparsity": measured.get(label, 0.0)} for label in models}
