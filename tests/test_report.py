@@ -137,6 +137,15 @@ def test_demo_end_to_end_small(tmp_path: Path):
     assert dense == pytest.approx(ref.word_perplexity, rel=0.01)
     assert f"{dense:.4g}" in report
 
+    # the same command again resumes: the pruned models and their evaluations are reused, same report numbers
+    first = {k: v["weighted_mean_measured"] for k, v in summary["sparsity"].items()}
+    assert main(["demo", "--out", str(out), "--sparsity", "0.5", "--n-train", "8", "--n-val", "8",
+                 "--n-eval-docs", "4", "--n-mc", "8", "--n-calib", "8", "--quiet"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert {k: v["weighted_mean_measured"] for k, v in again["sparsity"].items()} == first
+    assert again["eval"] == summary["eval"]
+    assert again["seconds"].get("prune (llm-compressor oneshot)", 0.0) < 1.0  # nothing was pruned again
+
 
 # ----------------------------------------------------------------------------- the demo pipeline (configuration)
 

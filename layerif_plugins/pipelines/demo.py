@@ -32,6 +32,7 @@ from layerif_plugins.data import EOT_SEPARATOR, Examples, load_examples, pad_id_
 from layerif_plugins.errors import ConfigError, LayerIFError
 from layerif_plugins.io import atomic_write_text
 from layerif_plugins.paths import shared_data, shared_dir, stories260k_checkpoint
+from layerif_plugins.pipelines.resume import read_json, reusable_prune, reusable_scores, same_weights
 from layerif_plugins.scores import LayerScores
 
 logger = logging.getLogger(__name__)
@@ -425,7 +426,8 @@ def score_tasks(model: Any, tok: Any, config: DemoConfig, out: Path, clock: Stag
         train, val = _task_examples(task, tok, config)
         path = out / f"scores_{task.name}.json"
         data = ScoringData(train=train, val=val, pad_id=pad_id_of(tok))
-        scores = _reusable_scores(model, path, data, config)
+        scores = reusable_scores(model, path, config.method, data, config.max_length, config.params) \
+            if config.resume else None
         if scores is None:
             scores = resolve_scores(model, config.method, data=data, config=engine)
             scores.params["max_length"] = config.max_length
@@ -439,64 +441,6 @@ def score_tasks(model: Any, tok: Any, config: DemoConfig, out: Path, clock: Stag
         progress(clock.total, f"LayerIF {task.name}: {', '.join(f'{s:.4g}' for s in scores.scores)} "
                               f"→ scores_{task.name}.json")
     return results
-
-
-def _same_weights(model: Any, hf_dir: Path) -> bool:
-    """True when the safetensors in ``hf_dir`` hold exactly ``model``'s weights."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = model.state_dict()
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        return False
-    for f in files:
-        for name, tensor in load_file(str(f)).items():
-            if name not in state or not torch.equal(state[name].detach().cpu(), tensor):
-                return False
-    return True
-
-
-def _reusable_scores(model: Any, path: Path, data: Any, config: DemoConfig) -> LayerScores | None:
-    """The scores file of an earlier run when it was made from the same model, data and settings."""
-    from layerif_plugins.errors import ScoresError
-    from layerif_plugins.scorers import resolve_scores
-
-    if not (config.resume and path.is_file()):
-        return None
-    try:
-        scores = resolve_scores(model, config.method, path)
-    except ScoresError:
-        return None
-    same = (scores.params.get("max_length") == config.max_length and scores.params.get("params") == config.params
-            and scores.data == data.fingerprints())
-    return scores if same else None
-
-
-def _json_if(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def _reusable_prune(path: Path, alloc: str, sparsity: float, scores_file: Path | None,
-                    config: DemoConfig) -> dict[str, Any] | None:
-    """``prune_model``'s report of an earlier run when it pruned the same way (else None)."""
-    from layerif_plugins.integrations.llmcompressor.prune import REPORT_NAME
-
-    rep = _json_if(path / REPORT_NAME) if config.resume else None
-    if rep is None:
-        return None
-    calib = rep.get("calib") or {}
-    same = (rep.get("algorithm") == "wanda" and rep.get("allocation") == alloc
-            and rep.get("target_sparsity") == sparsity and rep.get("epsilon") == config.epsilon
-            and calib.get("source") == str(config.calib) and calib.get("n") == config.n_calib
-            and calib.get("max_length") == config.max_length
-            and rep.get("scores") == (str(scores_file.resolve()) if scores_file else None))
-    return rep if same else None
 
 
 def prune_all(hf_dir: Path, config: DemoConfig, out: Path, clock: StageClock,
@@ -516,7 +460,10 @@ def prune_all(hf_dir: Path, config: DemoConfig, out: Path, clock: StageClock,
         for alloc in config.allocations:
             label = model_label(sparsity, alloc)
             used = scores_file if alloc == config.method else None
-            rep = None if fresh else _reusable_prune(out / "models" / label, alloc, sparsity, used, config)
+            rep = None if fresh or not config.resume else reusable_prune(
+                out / "models" / label, algorithm="wanda", allocation=alloc, target_sparsity=sparsity,
+                epsilon=config.epsilon, scores=str(used.resolve()) if used else None,
+                calib={"source": str(config.calib), "n": config.n_calib, "max_length": config.max_length})
             if rep is not None:
                 progress(clock.total, f"reusing {label} (pruned the same way by an earlier run)")
                 reused.add(label)
@@ -550,7 +497,7 @@ def drop_all(hf_dir: Path, config: DemoConfig, scores: dict[str, LayerScores], o
         label = depth_label(config.depth_k, method)
         settings = {"method": method, "k": config.depth_k, "calib": str(config.calib), "n_calib": config.n_calib,
                     "max_length": config.max_length}
-        earlier = None if fresh or not config.resume else _json_if(out / "models" / label / "layer_drop.json")
+        earlier = None if fresh or not config.resume else read_json(out / "models" / label / "layer_drop.json")
         if earlier is not None and earlier.get("demo") == settings:
             progress(clock.total, f"reusing {label} (dropped layers {earlier['dropped']} in an earlier run)")
             reports[label] = {"label": label, "method": method, "dropped": earlier["dropped"],
@@ -750,7 +697,7 @@ def _run(config: DemoConfig, out: Path, progress: Progress) -> DemoResult:
     model, tok = load_model_and_tokenizer(config.model, device="cpu")
     hf_dir = out / "models" / "dense"
     reused: set[str] = set()
-    if config.resume and (hf_dir / "config.json").is_file() and _same_weights(model, hf_dir):
+    if config.resume and (hf_dir / "config.json").is_file() and same_weights(model, hf_dir):
         reused.add("dense")
         progress(clock.total, f"reusing {hf_dir} (the same weights as {Path(str(config.model)).name})")
     else:
