@@ -44,7 +44,7 @@ def build_deep_model(out: Path) -> Path:
 def run(model: str, nproc: int, n: int, m: int, length: int, out: Path) -> float:
     args = ["score", "--model", model, "--train", str(shared_data("tinystories", "train.txt")),
             "--val", str(shared_data("tinystories", "valid.txt")), "--n-train", str(n), "--n-val", str(m),
-            "--max-length", str(length), "--batch-size", "16", "--quiet", "--out", str(out)]
+            "--max-length", str(length), "--batch-size", "16", "--quiet", "--out", str(out), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
     if nproc == 1:
         cmd = [sys.executable, "-m", "layerif_plugins.cli", *args]

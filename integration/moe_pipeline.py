@@ -22,7 +22,7 @@ from layerif_plugins.data import load_examples, pad_id_of
 from layerif_plugins.engine import InfluenceConfig
 from layerif_plugins.integrations.lm_eval import TaskSpec, evaluate
 from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
-from layerif_plugins.io import atomic_write_text
+from layerif_plugins.io import atomic_write_text, replacing
 from layerif_plugins.models import load_model_and_tokenizer
 from layerif_plugins.paths import shared_data, stories260k_checkpoint
 from layerif_plugins.report import markdown_table
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         train_adapter(peft_model, train, pad, TrainConfig(max_steps=args.steps, batch_size=8, lr=2e-3),
                       show_progress=False)
         after = heldout_loss(peft_model, test, pad)["loss"]
-        save_moe_adapter(peft_model, layout, out / layout_name)
+        with replacing(out):  # reruns replace this script's own earlier adapters (ours: marker-checked)
+            save_moe_adapter(peft_model, layout, out / layout_name)
         docs = [tok.decode(ids, skip_special_tokens=True) for ids in test.input_ids]
         test_txt = out / "test_docs.txt"
         atomic_write_text(test_txt, "\n<|endoftext|>\n".join(docs) + "\n")

@@ -34,7 +34,7 @@ from layerif_plugins.integrations.vllm_backend import (
     run_vllm_models,
     vllm_unavailable_reason,
 )
-from layerif_plugins.io import atomic_write_text
+from layerif_plugins.io import atomic_write_text, replacing
 from layerif_plugins.models import load_model_and_tokenizer, save_model_dir
 from layerif_plugins.paths import shared_data, stories260k_checkpoint
 from layerif_plugins.report import markdown_table
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     source = args.model or (CPU_DEFAULT_MODEL if device == "cpu" else str(stories260k_checkpoint()))
     dense = Path(source)
     if not (dense.is_dir() and (dense / "config.json").is_file()):  # .bin, .gguf, catalogue name → HF dir
-        dense = save_model_dir(*load_model_and_tokenizer(source), out / "dense")
+        with replacing(out):  # reruns replace this script's own earlier copy (ours: marker-checked)
+            dense = save_model_dir(*load_model_and_tokenizer(source), out / "dense")
     pruned = out / "pruned"
     report = prune_model(dense, pruned, sparsity=args.sparsity, allocation="layerif" if args.scores else "uniform",
                          scores=args.scores, calib=args.calib, n_calib=64, overwrite=True)

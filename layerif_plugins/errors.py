@@ -3,12 +3,18 @@
 Every error a user can cause (bad model, bad data, bad scores file, bad budget) is a
 subclass of :class:`LayerIFError`, raised early with a message that names the bad value
 and the fix; the CLI prints the message alone, without a traceback.
+
+The family subclasses :class:`ValueError`: every one of these errors is about a value the
+caller passed (a path, a file's contents, an option, a budget), and host libraries and
+their users catch ``ValueError`` for exactly that (PEFT's config checks, pydantic
+validators in llm-compressor modifiers, which wrap a ``ValueError`` into a
+``ValidationError``).
 """
 
 from __future__ import annotations
 
 
-class LayerIFError(Exception):
+class LayerIFError(ValueError):
     """Base class of all errors raised on purpose by layerif_plugins."""
 
 

@@ -6,6 +6,14 @@ parameters, fingerprints of the model and the data, optional per-module and per-
 detail, library versions and a creation time. Scores are expensive and reusable: compute
 once, allocate many times. :meth:`LayerScores.check_model` refuses a file computed for
 another model and names the field that differs.
+
+Score values are checked wherever a ``LayerScores`` is made (computed or loaded): every
+score is a finite JSON number (not a string, boolean or null), and **no score is
+negative** unless the method's scores are signed by construction (:data:`SIGNED_METHODS`:
+Block Influence's mean cosine lies in [−1, 1]). LayerIF's ``Σ_i max(0, −s_i)``, OWL's
+outlier ratios, AlphaPruning's α, angular redundancy, variability ν and the depth ramp
+are all ≥ 0; a negative one means an edited or foreign file, and since every allocation
+ranks the scores (shifted by their minimum), negated scores would silently invert it.
 """
 
 from __future__ import annotations
@@ -94,6 +102,44 @@ _LEGACY_DIRECTIONS: dict[str, ScoreDirection] = {
 }
 
 
+#: Methods whose scores may be negative by construction (Block Influence: a mean cosine in [−1, 1]).
+#: Every other method's scores are ≥ 0 and a negative one is refused; a third-party scorer with
+#: signed scores adds its name here.
+SIGNED_METHODS: set[str] = {"block_influence"}
+
+#: a negative score this close to 0 (relative to the largest |score|) is float rounding, not a sign
+_ROUNDING = 1e-9
+
+
+def check_score_values(values: Any, method: str, source: str = "scores") -> list[float]:
+    """``values`` as floats; refuses a non-list, non-numbers, non-finite and (unsigned methods) negative scores."""
+    if not isinstance(values, (list, tuple)):
+        raise ScoresError(f"{source}: 'scores' must be a list of numbers (one per layer), got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, (bool, str, bytes)) or v is None:
+                raise TypeError
+            out.append(float(v))  # ints, floats, numpy / 0-d torch scalars
+        except (TypeError, ValueError):
+            raise ScoresError(f"{source}: the score of layer {i} is {json.dumps(v, default=repr)[:40]} "
+                              f"({type(v).__name__}), not a number") from None
+    bad = [i for i, x in enumerate(out) if not math.isfinite(x)]
+    if bad:
+        raise ScoresError(f"{source}: non-finite scores at layers {bad}: {[out[i] for i in bad]}")
+    if method not in SIGNED_METHODS and out:
+        floor = -_ROUNDING * max(abs(x) for x in out)
+        negative = [i for i, x in enumerate(out) if x < floor]
+        if negative:
+            raise ScoresError(
+                f"{source}: negative {method!r} scores at layers {negative}: {[out[i] for i in negative]}; "
+                f"{method} scores are >= 0 by construction, and negated scores would silently invert every "
+                "allocation (to reverse a sparsity allocation on purpose, use the invert option of the "
+                "allocator). Recompute them with `layerif score`"
+            )
+    return out
+
+
 def direction_of_method(method: str) -> ScoreDirection:
     """The direction of a method's scores when a file or caller does not state it (see ``_LEGACY_DIRECTIONS``)."""
     return _LEGACY_DIRECTIONS.get(method, ScoreDirection.HIGHER_PRUNES)
@@ -151,20 +197,19 @@ class LayerScores:
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
+    _source: str = field(default="", repr=False, compare=False)  # the file, for messages
 
     def __post_init__(self) -> None:
         self.direction = (direction_of_method(self.method) if self.direction is None
                           else ScoreDirection.parse(self.direction))
         if self.higher_is is None:
             self.higher_is = self.direction.description
-        self.scores = [float(s) for s in self.scores]
+        self.scores = check_score_values(self.scores, self.method, self._source or f"{self.method} scores")
         if len(self.scores) != self.model.num_layers:
             raise ScoresError(
-                f"{len(self.scores)} scores for a model with {self.model.num_layers} decoder layers"
+                f"{self._source + ': ' if self._source else ''}{len(self.scores)} scores for a model with "
+                f"{self.model.num_layers} decoder layers"
             )
-        bad = [i for i, s in enumerate(self.scores) if not math.isfinite(s)]
-        if bad:
-            raise ScoresError(f"non-finite scores at layers {bad}: {[self.scores[i] for i in bad]}")
 
     @property
     def num_layers(self) -> int:
@@ -202,8 +247,11 @@ class LayerScores:
             raise ScoresError(f"{source}: not a LayerScores file, missing {missing}")
         try:
             model = ModelFingerprint.from_dict(d["model"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ScoresError(f"{source}: malformed model fingerprint ({exc})") from exc
+        if not isinstance(d["scores"], list):
+            raise ScoresError(f"{source}: 'scores' must be a list of numbers (one per layer), "
+                              f"got {type(d['scores']).__name__}")
         return cls(
             scores=list(d["scores"]),
             method=str(d["method"]),
@@ -218,6 +266,7 @@ class LayerScores:
             versions=d.get("versions") or {},
             created=d.get("created", ""),
             format_version=version,
+            _source=source,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -233,6 +282,10 @@ class LayerScores:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ScoresError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        except UnicodeDecodeError:
+            raise ScoresError(f"{path}: not a LayerScores file (not UTF-8 text)") from None
+        except OSError as exc:
+            raise ScoresError(f"cannot read scores file {path}: {exc.strerror or exc}") from exc
         if not isinstance(d, dict):
             raise ScoresError(f"{path}: not a LayerScores file (top level is {type(d).__name__})")
         return cls.from_dict(d, source=str(path))

@@ -171,5 +171,47 @@ def test_dispatch_by_direction():
         assert sparsity_from_scores(scores, direction, [1, 2, 3], 0.6, 0.05) == layerwise_sparsity(
             scores, [1, 2, 3], 0.6, 0.05)
     # one list of allocation names, with each reference's spread
-    assert ALLOCATIONS == ("layerif", "owl", "alpha_hill", "uniform") == tuple(REFERENCE_EPSILON)
-    assert [default_epsilon(a) for a in ALLOCATIONS] == [0.1, 0.08, 0.2, 0.0]
+    assert ALLOCATIONS == ("layerif", "owl", "alpha_hill", "depth_ramp", "uniform") == tuple(REFERENCE_EPSILON)
+    assert [default_epsilon(a) for a in ALLOCATIONS] == [0.1, 0.08, 0.2, 0.1, 0.0]
+
+
+# ----------------------------------------------------------------------------- inverted mapping, epsilon auto
+
+def test_invert_reverses_both_mappings():
+    scores, params = [1.0, 2.0, 4.0], [1, 1, 2]
+    plain = sparsity_from_scores(scores, "layerif", params, 0.6, 0.2)
+    inverted = sparsity_from_scores(scores, "layerif", params, 0.6, 0.2, invert=True)
+    # negated scores: the same mapping with the layers' order reversed
+    assert inverted == layerwise_sparsity([-s for s in scores], params, 0.6, 0.2)
+    assert plain[0] < plain[2] and inverted[0] > inverted[2]
+    assert weighted_mean(inverted, params) == pytest.approx(0.6, abs=1e-12)
+    # by hand: minmax(−s) = [1, 2/3, 0], r = minmax · 2ε + (1 − ε) with ε = 0.2, scaled to Σ p s = 0.6 · Σ p
+    r = [1.2, 0.8 + 0.4 * (2 / 3), 0.8]
+    scale = 0.6 * 4 / (r[0] + r[1] + 2 * r[2])
+    assert inverted == pytest.approx([x * scale for x in r], abs=1e-15)
+    owl_plain = sparsity_from_scores(scores, "owl", None, 0.6, 0.05)
+    owl_inv = sparsity_from_scores(scores, "owl", None, 0.6, 0.05, invert=True)
+    assert owl_inv == owl_sparsity([-s for s in scores], 0.6, 0.05)
+    assert owl_plain[0] > owl_plain[2] and owl_inv[0] < owl_inv[2]
+    # epsilon 0 is uniform whichever way round
+    assert sparsity_from_scores(scores, "layerif", params, 0.6, 0.0, invert=True) == pytest.approx([0.6] * 3)
+
+
+def test_epsilon_values_and_auto_grid():
+    from layerif_plugins.allocate.sparsity import AUTO_EPSILONS, check_epsilon, epsilon_or_auto, search_grid
+
+    assert check_epsilon("auto") == "auto" and check_epsilon(None) is None and check_epsilon(0) == 0.0
+    for bad in (-0.1, 1.5, math.nan, True, "0.1", "automatic"):
+        with pytest.raises(AllocationError, match="epsilon"):
+            check_epsilon(bad)
+    assert epsilon_or_auto("AUTO") == "auto" and epsilon_or_auto("0.05") == 0.05
+    with pytest.raises(ValueError):
+        epsilon_or_auto("wide")
+    with pytest.raises(AllocationError, match="'auto' is resolved by the pruning search"):
+        layerwise_sparsity([1, 2], None, 0.5, epsilon="auto")  # type: ignore[arg-type]
+    assert AUTO_EPSILONS == (0.0, 0.05, 0.1, 0.2, 0.3)
+    assert search_grid("layerif") == [0.0, 0.05, 0.1, 0.2, 0.3]
+    assert search_grid("owl") == [0.0, 0.05, 0.08, 0.1, 0.2, 0.3]  # OWL's reference λ is always tried
+    assert search_grid("depth_ramp", [0.3, 0.1]) == [0.0, 0.1, 0.3]  # uniform always in the sweep
+    with pytest.raises(AllocationError, match="epsilon_grid value"):
+        search_grid("layerif", [0.1, 2.0])

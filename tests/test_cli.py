@@ -189,3 +189,38 @@ def test_allocation_and_layout_choices_have_one_source():
         choices[name] = tuple(next(a for a in p._actions if a.dest == dest).choices)
     assert choices == {"prune": ALLOCATIONS, "moe": LAYOUTS, "drop": DROP_RULES}
     assert MODIFIER_ALLOCATIONS is ALLOCATIONS
+
+
+def test_every_output_option_is_declared_for_the_checks():
+    """Every command's output paths go through the one `--out` rule (``declare_paths``), with ``--overwrite``."""
+    from layerif_plugins.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    parsers = dict(sub.choices)
+    models = parsers.pop("models")
+    parsers.update({f"models {k}": v for k, v in
+                    next(a for a in models._actions if a.dest == "models_command").choices.items()})
+    outputs = {"out", "png", "save_scores", "task_dir"}
+    checked = 0
+    for name, p in parsers.items():
+        dests = {a.dest for a in p._actions} & outputs
+        if name == "demo" or not dests:  # the demo checks its --out itself (it resumes into its own output)
+            continue
+        spec = p.get_default("path_spec")
+        assert spec is not None, name
+        assert dests <= {*spec.dirs, *spec.files, *spec.into}, name
+        assert "--overwrite" in p._option_string_actions, name
+        checked += 1
+    assert checked >= 12
+
+
+def test_float_options_refuse_non_finite_values(capsys):
+    for argv in (["heal", "--model", "m", "--data", "d", "--steps", "1", "--out", "o", "--lr", "nan"],
+                 ["score", "--model", "m", "--out", "o.json", "--damping", "inf"],
+                 ["moe", "--model", "m", "--budget", "8", "--out", "o", "--beta=-inf"],
+                 ["prune", "--model", "m", "--calib", "c", "--out", "o", "--sparsity", "NaN"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "not a finite number" in err and len(err.splitlines()) == 1

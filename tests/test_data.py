@@ -74,5 +74,61 @@ def test_bad_data(tmp_path, tok, tinystories_valid):
         read_records(nofield)
     short = tmp_path / "short.jsonl"
     short.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1]}\n')
-    with pytest.raises(DataError, match="example 1 has 1 token"):
+    with pytest.raises(DataError, match=r"short.jsonl:2 has 1 token"):
         load_examples(short, tok)
+
+
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path, tok):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("first story\n\nsecond story\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt:4: not UTF-8 text \(byte 0xe9"):
+        read_records(bad)
+    binary = tmp_path / "weights.jsonl"
+    binary.write_bytes(b'{"text": "ok"}\n{"text": "x"}\x00\x00\n')
+    with pytest.raises(DataError, match=r"weights.jsonl:2: a NUL byte: this is a binary file"):
+        read_records(binary)
+    with pytest.raises(DataError, match="is not a file"):
+        read_records(tmp_path)
+    crlf = tmp_path / "crlf.txt"  # Windows newlines read as text mode would
+    crlf.write_bytes(b"one\r\nline\r\n\r\ntwo\r\n")
+    assert read_records(crlf) == ["one\nline", "two"]
+
+
+def test_pretokenized_ids_are_checked(tmp_path, tok):
+    def jsonl(*rows):
+        f = tmp_path / "ids.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f
+
+    with pytest.raises(DataError, match=r"ids.jsonl:2: 'input_ids' .* found true \(a boolean\)"):
+        read_records(jsonl({"input_ids": [1, 2]}, {"input_ids": [1, True, 3]}))
+    with pytest.raises(DataError, match=r"ids.jsonl:1: .*found 2.5 \(float\)"):
+        read_records(jsonl({"input_ids": [1, 2.5]}))
+    with pytest.raises(DataError, match=r"ids.jsonl:1: 'input_ids' holds the negative token id -1"):
+        read_records(jsonl({"input_ids": [1, -1, 4]}))
+    # the vocabulary of the stories tokenizer is 512 ids: 512 is one too many (also past max_length)
+    with pytest.raises(DataError, match=r"ids.jsonl:1: token id 512 is outside the tokenizer's vocabulary "
+                                        r"\(ids 0 … 511\)"):
+        load_examples(jsonl({"input_ids": [1, 2, 3, 512]}), tok, max_length=2)
+    assert load_examples(jsonl({"input_ids": [1, 2, 511]}), tok).input_ids == ((1, 2, 511),)
+
+
+def test_examples_longer_than_the_positions_are_refused(tmp_path, tok):
+    """max_length truncates; what is still longer than the model's 512 positions is refused, naming the fix."""
+    assert tok.model_max_length == 512
+    long = tmp_path / "long.txt"
+    long.write_text("short story.\n\n" + "and then the cat sat down " * 120 + "\n")
+    n_long = len(tok(read_records(long)[1])["input_ids"])  # (transformers warns: longer than 512)
+    assert n_long > 512
+    assert [len(x) for x in load_examples(long, tok, max_length=512).input_ids][1] == 512
+    with pytest.raises(DataError, match=rf"long.txt: example 1: {n_long} tokens .* more than the model's 512 "
+                                        r"positions .* use --max-length 512 or less"):
+        load_examples(long, tok, max_length=2000)
+    with pytest.raises(DataError, match="more than the model's 100 positions"):
+        load_examples(long, tok, max_length=2000, max_positions=100)
+    from layerif_plugins.data import load_labelled
+
+    labelled = tmp_path / "l.jsonl"
+    labelled.write_text(json.dumps({"text": read_records(long)[1], "label": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"l.jsonl:1: .* 512 positions"):
+        load_labelled(labelled, tok, max_length=4096)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
-from layerif_plugins.allocate.sparsity import layerwise_sparsity, owl_sparsity, weighted_mean
+from layerif_plugins.allocate.sparsity import layerwise_sparsity, owl_sparsity, sparsity_from_scores, weighted_mean
 from layerif_plugins.data import load_examples, pad_id_of
 from layerif_plugins.engine import InfluenceConfig
 from layerif_plugins.errors import AllocationError, ConfigError, DataError, ScoresError
@@ -123,6 +125,7 @@ def test_layerif_sparsegpt_end_to_end_overwrites(stories_dir, tinystories_train,
     out = tmp_path / "sgpt50"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / ".layerif-output").write_text("")  # a directory layerif wrote earlier (only those are replaced)
     report = prune(stories_dir, out, tinystories_train, algorithm="sparsegpt", sparsity=0.5,
                    allocation="layerif", scores=str(layerif_scores), overwrite=True)
     assert not (out / "stale.txt").exists()
@@ -260,22 +263,42 @@ def test_bad_inputs_refused_before_work(stories_dir, tinystories_train, layerif_
 
 
 def test_modifier_validation():
-    with pytest.raises(ConfigError, match="N:M"):
-        LayerIFWandaPruningModifier(sparsity=0.5, mask_structure="2:4")
-    with pytest.raises(ConfigError, match="N:M"):
-        LayerIFSparseGPTModifier(sparsity=0.5, mask_structure="2:4", allocation="uniform")
-    with pytest.raises(AllocationError, match="one global sparsity"):
-        LayerIFWandaPruningModifier(sparsity=[0.5, 0.6])
-    with pytest.raises(AllocationError, match="in \\(0, 1\\)"):
-        LayerIFSparseGPTModifier(sparsity=1.5)
-    with pytest.raises(ConfigError, match="allocation: owl"):
-        LayerIFWandaPruningModifier(sparsity=0.5, sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
-    with pytest.raises(ConfigError, match="uses no scores"):
-        LayerIFWandaPruningModifier(sparsity=0.5, allocation="uniform", scores="x.json")
-    with pytest.raises(ValueError, match="allocation"):
-        LayerIFWandaPruningModifier(sparsity=0.5, allocation="random")
+    """Field values are checked by pydantic validators: ValidationError (a ValueError) naming the value."""
+    cases = [
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "mask_structure": "2:4"}, "N:M"),
+        (LayerIFSparseGPTModifier, {"sparsity": 0.5, "mask_structure": "2:4", "allocation": "uniform"}, "N:M"),
+        (LayerIFWandaPruningModifier, {"sparsity": [0.5, 0.6]}, "one global sparsity"),
+        (LayerIFSparseGPTModifier, {"sparsity": 1.5}, "in \\(0, 1\\)"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08},
+         "allocation: owl"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "allocation": "uniform", "scores": "x.json"}, "uses no scores"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "allocation": "random"}, "allocation"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "epsilon": 1.5}, "epsilon"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "epsilon": "wide"}, "epsilon"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "epsilon_grid": [0.1, -0.2]}, "epsilon_grid value"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "holdout": 0}, "holdout"),
+        (LayerIFWandaPruningModifier, {"sparsity": 0.5, "holdout": 1.5}, "holdout"),
+    ]
+    for cls, kwargs, match in cases:
+        with pytest.raises(ValidationError, match=match):
+            cls(**kwargs)
     mod = LayerIFWandaPruningModifier(sparsity=0.7, scores="s.json")
     assert mod.allocation == "layerif" and mod.epsilon == 0.1 and mod.mask_structure == "0:0"
+    assert mod.targets is None and mod.invert is False and mod.holdout == 0.125
+    auto = LayerIFSparseGPTModifier(sparsity=0.5, allocation="depth_ramp", epsilon="auto", holdout=4)
+    assert auto.epsilon == "auto" and auto.holdout == 4
+
+
+def test_build_modifier_raises_the_projects_error():
+    """prune_model / the CLI build modifiers from options: the LayerIFError inside the ValidationError comes out."""
+    from layerif_plugins.integrations.llmcompressor.modifiers import build_modifier
+
+    with pytest.raises(AllocationError, match="epsilon must be in \\[0, 1\\]"):
+        build_modifier(LayerIFWandaPruningModifier, sparsity=0.5, epsilon=-1.0)
+    with pytest.raises(ConfigError, match="N:M"):
+        build_modifier(LayerIFWandaPruningModifier, sparsity=0.5, mask_structure="2:4")
+    with pytest.raises(ConfigError, match="invalid LayerIFWandaPruningModifier options"):
+        build_modifier(LayerIFWandaPruningModifier, sparsity=0.5, no_such_field=1)
 
 
 def test_yaml_nm_recipe_refused():
@@ -286,7 +309,7 @@ pruning_stage:
   sparsity_modifiers:
     LayerIFWandaPruningModifier: {sparsity: 0.5, mask_structure: "2:4", allocation: uniform}
 """
-    with pytest.raises(ConfigError, match="N:M"):
+    with pytest.raises(ValidationError, match="N:M"):
         Recipe.create_instance(recipe)
 
 
@@ -332,3 +355,155 @@ def test_epsilon_defaults_to_each_references_spread():
     assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="alpha_hill").epsilon == 0.2
     assert LayerIFSparseGPTModifier(sparsity=0.5, allocation="layerif", scores="x.json").epsilon == 0.1
     assert LayerIFWandaPruningModifier(sparsity=0.5, allocation="owl", epsilon=0.05).epsilon == 0.05
+
+
+# ----------------------------------------------------------------------------- depth ramp, epsilon auto
+
+def test_depth_ramp_allocation_needs_no_scores_file(stories_dir, tinystories_train, tmp_path):
+    report = prune(stories_dir, tmp_path / "ramp", tinystories_train, allocation="depth_ramp", sparsity=0.5,
+                   n_calib=4, max_length=32)
+    assert report["scores_method"] == "depth_ramp" and report["layer_scores"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert report["epsilon"] is None and report["epsilon_used"] == 0.1  # as passed / as run
+    assert report["invert"] is False and report["epsilon_search"] is None
+    assert [r["target"] for r in report["layers"]] == pytest.approx([0.45, 0.475, 0.5, 0.525, 0.55], abs=1e-12)
+    # a depth_ramp scores file (`layerif score --method depth_ramp`) works as any other, inverted here
+    model, _ = load_model_and_tokenizer(stories_dir)
+    path = score_layers(model, "depth_ramp").save(tmp_path / "ramp.json")
+    inverted = prune(stories_dir, tmp_path / "ramp-inv", tinystories_train, allocation="depth_ramp",
+                     scores=path, invert=True, sparsity=0.5, n_calib=4, max_length=32)
+    assert inverted["scores"] == str(path) and inverted["invert"] is True
+    assert [r["target"] for r in inverted["layers"]] == pytest.approx([0.55, 0.525, 0.5, 0.475, 0.45], abs=1e-12)
+
+
+def heldout_perplexity(out: Path, held) -> float:
+    """Token perplexity of the saved model on ``held``, recomputed from disk, independently of the search."""
+    from transformers import AutoModelForCausalLM
+
+    from layerif_plugins.evaluation.perplexity import mean_token_loss
+
+    return math.exp(mean_token_loss(AutoModelForCausalLM.from_pretrained(str(out)), held, pad_id=0)[0])
+
+
+@pytest.mark.slow
+def test_epsilon_auto_never_worse_than_uniform(stories_dir, tinystories_train, layerif_scores, block_params,
+                                               tmp_path):
+    from transformers import AutoTokenizer
+
+    from layerif_plugins.scores import LayerScores
+
+    n_hold = 8
+    out = tmp_path / "auto"
+    report = prune(stories_dir, out, tinystories_train, algorithm="wanda", sparsity=0.6, allocation="layerif",
+                   scores=layerif_scores, epsilon="auto", n_holdout=n_hold)
+    search = report["epsilon_search"]
+    sweep = search["sweep"]
+    assert [(c["epsilon"], c["invert"]) for c in sweep] == [(0.0, False)] + [
+        (e, inv) for e in (0.05, 0.1, 0.2, 0.3) for inv in (False, True)]
+    ppl = [c["perplexity"] for c in sweep]
+    assert all(math.isfinite(p) for p in ppl) and search["pruning_passes"] == 9
+    best = search["chosen"]["index"]
+    assert ppl[best] == min(ppl) <= ppl[0] and best == ppl.index(min(ppl))  # ties go to the earliest (uniform)
+    assert (report["epsilon_used"], report["invert"]) == (sweep[best]["epsilon"], sweep[best]["invert"])
+    assert report["epsilon"] == "auto"
+    assert search["uniform_perplexity"] == ppl[0] and search["chosen_perplexity"] == ppl[best]
+    assert search["gain_vs_uniform"] == pytest.approx(ppl[0] - ppl[best], abs=1e-12)
+    # the targets are the chosen candidate's list
+    scores = LayerScores.load(layerif_scores)
+    expected = sparsity_from_scores(scores.scores, scores.direction, block_params, 0.6,
+                                    epsilon=report["epsilon_used"], invert=report["invert"])
+    assert [r["target"] for r in report["layers"]] == pytest.approx(expected, abs=1e-12)
+    assert sweep[best]["layer_sparsity"] == pytest.approx(expected, abs=1e-12)
+    assert sweep[0]["layer_sparsity"] == pytest.approx([0.6] * 5, abs=1e-12)
+    # the held-out slice: the n_hold examples after the first N_CALIB, disjoint from the pruning examples
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    both = load_examples(tinystories_train, tok, MAX_LEN, n=N_CALIB + n_hold)
+    calib, held = both.subset(range(N_CALIB)), both.subset(range(N_CALIB, N_CALIB + n_hold))
+    assert report["calib"]["sha256"] == calib.digest() and report["calib"]["n"] == N_CALIB
+    assert search["holdout"]["sha256"] == held.digest() and search["holdout"]["examples"] == [N_CALIB,
+                                                                                              N_CALIB + n_hold]
+    assert not set(held.input_ids) & set(calib.input_ids)
+    # the saved model is the winning candidate, and the ε = 0 candidate is the plain uniform prune
+    assert heldout_perplexity(out, held) == pytest.approx(ppl[best], rel=1e-9)
+    prune(stories_dir, tmp_path / "uniform", tinystories_train, algorithm="wanda", sparsity=0.6,
+          allocation="uniform")
+    assert heldout_perplexity(tmp_path / "uniform", held) == pytest.approx(ppl[0], rel=1e-9)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    mod = next(iter(next(iter(saved.values())).values()))["LayerIFWandaPruningModifier"]
+    assert (mod["epsilon"], mod["invert"]) == (report["epsilon_used"], report["invert"])
+    assert json.loads((out / "sparsity_report.json").read_text()) == json.loads(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_owl_lambda_auto_from_the_command_line(stories_dir, tinystories_train, tmp_path, capsys):
+    """OWL's λ searched the same way; λ pushing a layer above the 0.99 cap is skipped and recorded."""
+    from layerif_plugins.cli import main
+
+    out = tmp_path / "owl-auto"
+    rc = main(["prune", "--model", str(stories_dir), "--algorithm", "wanda", "--sparsity", "0.7",
+               "--allocation", "owl", "--epsilon", "auto", "--calib", str(tinystories_train), "--n-calib", "8",
+               "--max-length", "32", "--n-holdout", "4", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "epsilon auto: chose" in printed and "held-out perplexity" in printed
+    report = json.loads((out / "sparsity_report.json").read_text())
+    search = report["epsilon_search"]
+    assert search["grid"] == [0.0, 0.05, 0.08, 0.1, 0.2, 0.3]  # OWL's reference λ 0.08 is tried
+    # a candidate is skipped exactly when OWL's mapping puts a layer outside [0, 0.99] (here λ 0.3 as scored)
+    for c in search["sweep"]:
+        scores = [-x for x in report["layer_scores"]] if c["invert"] else report["layer_scores"]
+        try:
+            owl_sparsity(scores, 0.7, c["epsilon"])
+            assert c["error"] is None and math.isfinite(c["perplexity"])
+        except AllocationError:
+            assert "outside [0, 0.99]" in c["error"] and c["perplexity"] is None
+    assert [(c["epsilon"], c["invert"]) for c in search["sweep"] if c["error"]] == [(0.3, False)]
+    ok = [c for c in search["sweep"] if not c["error"]]
+    assert search["chosen_perplexity"] == min(c["perplexity"] for c in ok) <= search["uniform_perplexity"]
+    assert search["holdout"]["examples"] == [8, 12] and search["pruning_batches"] == 8
+    assert [r["target"] for r in report["layers"]] == pytest.approx(
+        sparsity_from_scores(report["layer_scores"], "owl", None, 0.7, report["epsilon_used"],
+                             invert=report["invert"]),
+        abs=1e-12)
+
+
+def test_epsilon_auto_options_refused_without_auto(stories_dir, tinystories_train, tmp_path):
+    with pytest.raises(ConfigError, match="belong to epsilon='auto'"):
+        prune(stories_dir, tmp_path / "x", tinystories_train, allocation="depth_ramp", n_holdout=4)
+    with pytest.raises(AllocationError, match="epsilon"):
+        prune(stories_dir, tmp_path / "x", tinystories_train, allocation="depth_ramp", epsilon="sometimes")
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(f"story number {i} is short." for i in range(10)) + "\n")
+    with pytest.raises(DataError, match="holds out the 8 examples after the first 4"):
+        prune(stories_dir, tmp_path / "x", short, allocation="depth_ramp", epsilon="auto", n_calib=4, n_holdout=8)
+    assert not (tmp_path / "x").exists()
+
+
+def test_search_tie_rule_and_holdout_split():
+    from layerif_plugins.integrations.llmcompressor.search import (
+        Candidate,
+        batches_to_examples,
+        candidates,
+        choose,
+        holdout_positions,
+        split_batches,
+    )
+
+    assert candidates([0.3, 0.1, 0.0]) == [(0.0, False), (0.1, False), (0.1, True), (0.3, False), (0.3, True)]
+    sweep = [Candidate(0.0, False, perplexity=10.0), Candidate(0.1, False, perplexity=10.0),
+             Candidate(0.1, True, perplexity=9.5), Candidate(0.2, False, perplexity=9.5)]
+    assert choose(sweep) == 2  # the lowest; among equals the earliest
+    assert choose(sweep[:2]) == 0  # a tie with uniform keeps uniform
+    failed = [Candidate(0.0, False, perplexity=10.0), Candidate(0.3, False, error="above the cap"),
+              Candidate(0.3, True, perplexity=math.nan)]
+    assert choose(failed) == 0
+    with pytest.raises(AllocationError, match="no candidate"):
+        choose([Candidate(0.0, False, perplexity=math.inf)])
+    assert holdout_positions(16, 0.125) == [4, 12] and holdout_positions(8, 2) == [2, 6]
+    assert holdout_positions(10, 3) == [1, 5, 8]
+    with pytest.raises(DataError, match="holds out 4 of 4"):
+        holdout_positions(4, 4)
+    batches = [{"input_ids": torch.tensor([[i, i + 1, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+               for i in range(1, 9)]
+    prune_b, held_b = split_batches(batches, [2, 6])
+    assert len(prune_b) == 6 and len(held_b) == 2 and not {id(b) for b in prune_b} & {id(b) for b in held_b}
+    assert batches_to_examples(held_b, "held").input_ids == ((3, 4), (7, 8))  # padding dropped

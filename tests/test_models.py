@@ -142,3 +142,58 @@ def test_cuda_requested_but_absent(stories_dir):
         pytest.skip("a CUDA device is present")
     with pytest.raises(ConfigError, match="no CUDA device"):
         load_model_and_tokenizer(stories_dir, device="cuda")
+
+
+@pytest.mark.parametrize(("arg", "is_path"), [
+    ("/abs/model", True), ("./rel", True), ("../up/model", True), ("~/models/m", True), ("a/b/c", True),
+    ("stories15M.bin", True), ("m.gguf", True), ("config.json", True), ("has space", True),
+    ("HuggingFaceTB/SmolLM2-135M", False), ("gpt2", False), ("smollm2-135m", False),
+])
+def test_path_looking_arguments(arg, is_path):
+    from layerif_plugins.models import looks_like_path
+
+    assert looks_like_path(arg) is is_path
+
+
+def test_safetensors_header_is_checked_against_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from layerif_plugins.models import read_safetensors_header
+
+    f = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(5, dtype=torch.float16)}, str(f))
+    header = read_safetensors_header(f)
+    assert {k: (t.dtype, t.shape, t.end - t.start) for k, t in header.items()} == {
+        "a": ("F32", (3, 4), 48), "b": ("F16", (5,), 10)}
+    data = f.read_bytes()
+    f.write_bytes(data + b"\0" * 7)
+    with pytest.raises(ModelError, match="has 7 bytes after the last tensor"):
+        read_safetensors_header(f)
+    f.write_bytes(data[:-4])
+    with pytest.raises(ModelError, match=r"truncated: .* describes 58 bytes of tensor data but the file holds 54"):
+        read_safetensors_header(f)
+    f.write_bytes(data[:5])
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        read_safetensors_header(f)
+    n = struct.unpack("<Q", data[:8])[0]
+    f.write_bytes(data[:8] + data[8:8 + n].replace(b"F16", b"F64") + data[8 + n:])
+    with pytest.raises(ModelError, match=r"tensor 'b' is F64 \[5\] \(40 bytes\) but its header gives it 10"):
+        read_safetensors_header(f)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "qwen2"])
+def test_intact_checkpoints_pass_the_integrity_check(model_type, tmp_path):
+    from safetensors.torch import save_file
+
+    from layerif_plugins.models import check_model_files
+
+    model = _tiny(model_type)
+    model.save_pretrained(tmp_path)
+    tensors = check_model_files(tmp_path)
+    assert set(tensors) <= set(model.state_dict()) and len(tensors) >= 3 * 4
+    if model_type == "gpt2":  # the hub's layout: no "transformer." prefix, old mask buffers beside the weights
+        state = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+                 if k.startswith("transformer.")}
+        state.update({"h.0.attn.bias": torch.ones(1, 1, 8, 8), "h.0.attn.masked_bias": torch.tensor(-1e4)})
+        save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+        assert "h.0.attn.c_attn.weight" in check_model_files(tmp_path)

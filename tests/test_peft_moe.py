@@ -82,11 +82,14 @@ def test_wrapped_model_has_exact_experts_and_top_k(stories):
         layer = int(key.split(".")[2])
         routers = [(name, child) for name, child in module.named_modules() if "router" in name and
                    isinstance(child, nn.Linear)]
-        assert len(routers) == 1
-        name, router = routers[0]
-        assert router.bias is None
-        assert router.out_features == layout.experts[layer]
-        assert router.in_features == module.get_base_layer().in_features
+        if layout.experts[layer] == 1:  # one expert = a plain LoRA: no router, no dead parameter
+            assert routers == [] and "default" not in module.lora_moe_router
+        else:
+            assert len(routers) == 1
+            name, router = routers[0]
+            assert router.bias is None
+            assert router.out_features == layout.experts[layer]
+            assert router.in_features == module.get_base_layer().in_features
         assert module.top_k["default"] == layout.top_k[layer]
         assert module.lora_moe_A["default"].out_features == layout.experts[layer] * 4
         assert torch.count_nonzero(module.lora_moe_B["default"].weight) == 0  # B zero-initialised
@@ -100,20 +103,25 @@ def test_only_adapter_and_router_parameters_train(stories):
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all(any(s in n for s in ("lora_moe_A", "lora_moe_B", "lora_moe_router")) for n in trainable)
     assert not any(p.requires_grad for n, p in pm.named_parameters() if "base_layer" in n or "embed" in n)
-    # count: per module n·r·in (A) + out·n·r (B) + in·n (router)
+    # count: per module n·r·in (A) + out·n·r (B) + in·n (router, only where n > 1)
     expected = 0
     for key, module in _moe_modules(pm).items():
         n = layout.experts[int(key.split(".")[2])]
         base = module.get_base_layer()
-        expected += n * 4 * base.in_features + base.out_features * n * 4 + base.in_features * n
+        expected += n * 4 * base.in_features + base.out_features * n * 4 + (base.in_features * n if n > 1 else 0)
     assert sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad) == expected
 
 
-def test_forward_matches_explicit_expert_loop(stories):
-    """The fused forward equals base(x) + α/r Σ_{e∈top-k} g_e B_e A_e x computed expert by expert."""
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_forward_matches_explicit_expert_loop(stories, top_k):
+    """The fused forward equals base(x) + α/r Σ_{e∈top-k} g_e B_e A_e x computed expert by expert.
+
+    ``g`` = the top-k softmax probabilities renormalised to sum 1 at top-2 (Mixtral); at top-1 the
+    chosen expert's own probability, not renormalised (Switch), so the gate is below 1.
+    """
     model, _ = stories
     torch.manual_seed(0)
-    pm = get_peft_model(model, LoraMoeConfig(r=3, lora_alpha=6, num_experts=5, top_k=2, init_weights=False))
+    pm = get_peft_model(model, LoraMoeConfig(r=3, lora_alpha=6, num_experts=5, top_k=top_k, init_weights=False))
     module = pm.get_base_model().model.layers[2].mlp.down_proj
     x = torch.randn(2, 7, module.in_features)
     with torch.no_grad():
@@ -123,12 +131,32 @@ def test_forward_matches_explicit_expert_loop(stories):
         expected = base.clone()
         for b in range(2):
             for t in range(7):
-                top = torch.topk(probs[b, t], 2)
-                gates = top.values / top.values.sum()
+                top = torch.topk(probs[b, t], top_k)
+                gates = top.values / top.values.sum() if top_k > 1 else top.values
                 for g, e in zip(gates, top.indices.tolist(), strict=True):
                     a_e, b_e = module.expert("default", e)
                     expected[b, t] += 2.0 * g * (b_e @ (a_e @ x[b, t]))
+        assert float(probs.max()) < 0.999  # so a top-1 gate of 1 would not pass
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _router_grad(stories_dir, batch, top_k: int) -> float:
+    model, _ = load_model_and_tokenizer(stories_dir)
+    torch.manual_seed(0)
+    cfg = LoraMoeConfig(r=4, num_experts=4, top_k=top_k, init_weights=False, router_aux_loss_coef=0.0)
+    pm = get_peft_model(model, cfg).train()
+    pm(**batch).loss.backward()  # the task loss alone: no load-balancing term
+    router = pm.get_base_model().model.layers[3].self_attn.q_proj.lora_moe_router["default"]
+    return float(router.weight.grad.abs().max())
+
+
+def test_top1_router_learns_from_the_task_loss(stories_dir, shakespeare):
+    """A renormalised single gate is exactly 1 (router gradient 4e-8 here); the probability gate is not."""
+    _, tok = load_model_and_tokenizer(stories_dir)
+    batch = _batch(tok, shakespeare, n=8)
+    top1, top2 = _router_grad(stories_dir, batch, 1), _router_grad(stories_dir, batch, 2)
+    assert top1 > 0.05 and top2 > 0.05  # measured 0.50 and 1.00 on this 4-expert q_proj
+    assert top1 > 0.1 * top2
 
 
 def test_load_balancing_loss_by_hand():
@@ -219,7 +247,8 @@ def test_save_and_from_pretrained_give_identical_logits(stories, stories_dir, tm
         before = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     out = save_moe_adapter(pm, layout, tmp_path / "adapter")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == LORA_MOE_PEFT_TYPE
+    assert cfg["peft_type"] == LORA_MOE_PEFT_TYPE and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["base_model_name_or_path"] == str(stories_dir)
     assert cfg["num_experts_pattern"] == dict(zip(layer_names(model), layout.experts, strict=True))
     record = json.loads((out / "layout.json").read_text())
     assert record["experts"] == layout.experts and record["top_k"] == layout.top_k
@@ -238,6 +267,12 @@ def test_save_and_from_pretrained_give_identical_logits(stories, stories_dir, tm
     with loaded.disable_adapter(), torch.no_grad():
         plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert not torch.allclose(plain, after)
+    # the adapter directory alone is enough (base model and task read from adapter_config.json)
+    from peft import AutoPeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, before)
 
 
 def test_loading_without_the_plugin_says_what_to_import(stories, tmp_path, monkeypatch):
@@ -256,6 +291,12 @@ def test_loading_without_the_plugin_says_what_to_import(stories, tmp_path, monke
         load_lora_moe(fresh, tmp_path / "ad")
     with pytest.raises(ConfigError, match="no adapter_config.json"):
         load_lora_moe(fresh, tmp_path)
+    # register() (run on import) completes a half-done registration, and the adapter loads again
+    from layerif_plugins.integrations.peft_moe import is_registered, register
+
+    assert not is_registered()
+    register()
+    assert is_registered() and isinstance(load_lora_moe(fresh, tmp_path / "ad"), PeftModel)
 
 
 # ----------------------------------------------------------------------------- merge / unload
@@ -270,6 +311,8 @@ def test_merge_refused_unload_restores_base(stories, shakespeare):
     pm = get_moe_model(model, _layout(), r=2, init_weights=False)
     with pytest.raises(LoraMoeMergeError, match="cannot be merged"):
         pm.merge_and_unload()
+    with pytest.raises(ValueError, match="input-dependent gates"):  # also a ValueError, as callers catch
+        pm.merge_adapter()
     with pytest.raises(NotImplementedError):
         pm.get_base_model().model.layers[0].self_attn.q_proj.merge()
     assert len(_moe_modules(pm)) == 35  # the refused merge left the model as it was
@@ -305,6 +348,8 @@ def test_target_modules_absent(stories):
         get_peft_model(model, LoraMoeConfig(target_modules=["q_proj", "c_attn"]))
     with pytest.raises(ConfigError, match="matches no module"):
         get_peft_model(model, LoraMoeConfig(target_modules=r".*\.nothing_here"))
+    with pytest.raises(ConfigError, match=r"matches no module of LlamaForCausalLM in layers_to_transform=\[7\]"):
+        get_peft_model(model, LoraMoeConfig(layers_to_transform=[7]))  # stories260K has layers 0-4
     pm = get_peft_model(model, LoraMoeConfig(target_modules="all-linear", num_experts=2))  # PEFT's shorthand works
     assert len(_moe_modules(pm)) == 35 and "lm_head" not in pm.peft_config["default"].target_modules
 
@@ -325,6 +370,14 @@ def test_budget_below_layers_and_scores_of_another_model(stories):
 def test_config_validation():
     with pytest.raises(ConfigError, match="num_experts must be an integer >= 1"):
         LoraMoeConfig(num_experts=0)
+    # what host code and users catch: every refusal of __post_init__ is a ValueError
+    for bad in ({"num_experts": 0}, {"top_k": -1}, {"r": 0}, {"lora_dropout": 1.5}, {"router_jitter": 2.0},
+                {"router_aux_loss_coef": -1.0}, {"target_modules": []}, {"num_experts_pattern": {"x": 0}},
+                {"top_k_pattern": {"layers.(": 1}}, {"num_experts_pattern": [1, 2]},
+                {"layers_pattern": "layers"}, {"target_modules": "q_proj", "layers_to_transform": [0]},
+                {"layers_to_transform": [-1]}, {"task_type": "NOT_A_TASK"}):
+        with pytest.raises(ValueError):
+            LoraMoeConfig(**bad)
     with pytest.raises(ConfigError, match=r"num_experts_pattern\['x'\] = 0"):
         LoraMoeConfig(num_experts_pattern={"x": 0})
     with pytest.raises(ConfigError, match="not a valid regex"):
@@ -361,7 +414,7 @@ def test_cli_moe_then_finetune(stories, stories_dir, tmp_path, shakespeare, caps
     loaded = PeftModel.from_pretrained(fresh, str(out))
     assert built_layout(loaded) == (record["experts"], record["top_k"])
     routers = {k: m for k, m in loaded.named_modules() if isinstance(m, nn.Linear) and "router" in k.split(".")[-2]}
-    assert len(routers) == 35
+    assert len(routers) == 14  # layers 3 and 4 (9 and 4 experts) × 7 projections; 1-expert layers have none
     assert all(m.out_features == record["experts"][int(k.split(".")[4])] for k, m in routers.items())
 
     ft = tmp_path / "ft"

@@ -185,3 +185,47 @@ def test_owl_outlier_ratio_by_hand(stories, tinystories_train):
         h.remove()
     a = torch.cat([(lin.module.weight.abs() * (acc[lin.name] / 3).sqrt()).flatten() for lin in lins])
     assert s.scores[2] == pytest.approx(100.0 * int((a > 5 * a.mean()).sum()) / a.numel(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- depth_ramp (METHOD.md §5 control)
+
+def test_depth_ramp_is_the_layer_index(stories, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from layerif_plugins.scorers import resolve_scores
+    from layerif_plugins.scores import LayerScores, ScoreDirection
+
+    model, _ = stories
+    spec = SCORERS["depth_ramp"]
+    assert spec.needs == () and spec.direction is ScoreDirection.HIGHER_PRUNES
+    s = score_layers(model, "depth_ramp")
+    assert s.scores == [0.0, 1.0, 2.0, 3.0, 4.0] and s.method == "depth_ramp"
+    assert s.direction is ScoreDirection.HIGHER_PRUNES and "deeper" in s.higher_is
+    # any depth, no data
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=7,
+                      num_attention_heads=2, num_key_value_heads=2)
+    assert score_layers(LlamaForCausalLM(cfg), "depth_ramp").scores == [float(i) for i in range(7)]
+    # through resolve_scores, computed and from a file (checked against the model and the method)
+    path = s.save(tmp_path / "ramp.json")
+    assert resolve_scores(model, "depth_ramp").scores == s.scores
+    loaded = resolve_scores(model, "depth_ramp", path)
+    assert loaded.scores == s.scores and loaded.direction is ScoreDirection.HIGHER_PRUNES
+    assert LayerScores.load(path).method == "depth_ramp"
+    with pytest.raises(Exception, match="'depth_ramp' scores but method is 'owl'"):
+        resolve_scores(model, "owl", path)
+    # §2b: deeper layers get more sparsity, exactly the layerwise mapping of the index
+    params = [10, 10, 10, 10, 10]
+    ratios = sparsity_from_scores(s.scores, s.direction, params, 0.6, 0.1)
+    assert ratios == pytest.approx([0.54, 0.57, 0.6, 0.63, 0.66], abs=1e-12)
+
+
+def test_depth_ramp_from_the_command_line(stories_dir, tmp_path, capsys):
+    from layerif_plugins.cli import main
+    from layerif_plugins.scores import LayerScores
+
+    out = tmp_path / "ramp.json"
+    assert main(["score", "--method", "depth_ramp", "--model", str(stories_dir), "--out", str(out),
+                 "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    scores = LayerScores.load(out)
+    assert scores.method == "depth_ramp" and scores.scores == [0.0, 1.0, 2.0, 3.0, 4.0]

@@ -187,3 +187,26 @@ def test_resolve_scores_reads_checks_or_computes(scored, tmp_path):
     with pytest.raises(ConfigError, match="no scores file and no scoring method"):
         resolve_scores(model, None)
     assert resolve_scores(model, "uniform").scores == [1.0] * 5
+
+
+def test_score_values_are_numbers_and_not_negative(stories):
+    """Negative scores of an unsigned method are refused (they would invert every allocation), as are non-numbers."""
+    from layerif_plugins.scores import SIGNED_METHODS
+
+    model, _ = stories
+    fp = fingerprint(model)
+    with pytest.raises(ScoresError, match=r"negative 'layerif' scores at layers \[1, 3\]: \[-2.0, -0.5\]"):
+        LayerScores(scores=[1.0, -2.0, 3.0, -0.5, 0.0], method="layerif", model=fp)
+    # Block Influence's score is a mean cosine in [-1, 1]: signed by construction
+    assert "block_influence" in SIGNED_METHODS
+    assert LayerScores(scores=[0.9, -0.2, 0.5, 0.1, 0.3], method="block_influence", model=fp).scores[1] == -0.2
+    # float rounding below zero (relative 1e-9) is not a sign
+    assert LayerScores(scores=[1.0, -1e-12, 3.0, 2.0, 0.0], method="variability", model=fp).scores[1] == -1e-12
+    d = LayerScores(scores=[1.0, 2.0, 3.0, 4.0, 5.0], method="layerif", model=fp).to_dict()
+    for bad, words in ((["1", 2, 3, 4, 5], r'layer 0 is "1" \(str\), not a number'),
+                       ([1, 2, None, 4, 5], r"layer 2 is null \(NoneType\)"),
+                       ([1, 2, 3, False, 5], r"layer 3 is false \(bool\)"),
+                       ({"0": 1}, "must be a list of numbers"),
+                       ([1, 2, float("nan"), 4, 5], r"non-finite scores at layers \[2\]")):
+        with pytest.raises(ScoresError, match=words):
+            LayerScores.from_dict({**d, "scores": bad}, source="s.json")

@@ -284,6 +284,31 @@ def _check_budget(budget: int, num_layers: int) -> int:
     return int(budget)
 
 
+def max_budget(num_layers: int, hidden_size: int, r: int) -> int:
+    """The most experts ``num_layers`` layers can use: ``max(1, hidden_size // r)`` rank-``r`` experts per layer.
+
+    A layer's experts read the same ``hidden_size``-dimensional input: past ``n · r =
+    hidden_size`` their down-projections are linearly dependent, so a larger budget adds
+    parameters (and memory: a budget of a million experts is tens of GB) but no direction
+    the layer can use. ``layerif moe`` refuses it before building anything.
+    """
+    if num_layers < 1 or hidden_size < 1 or r < 1:
+        raise AllocationError(f"num_layers, hidden_size and r must be >= 1, got {num_layers}, {hidden_size}, {r}")
+    return num_layers * max(1, hidden_size // r)
+
+
+def check_budget_fits(budget: int, num_layers: int, hidden_size: int, r: int) -> None:
+    """Refuse a budget below one expert per layer or above :func:`max_budget`, naming the bound and the fix."""
+    _check_budget(budget, num_layers)
+    most = max_budget(num_layers, hidden_size, r)
+    if budget > most:
+        raise AllocationError(
+            f"budget T={budget} is more than the {num_layers} layers can hold: at most {most} "
+            f"({max(1, hidden_size // r)} rank-{r} experts per layer of hidden size {hidden_size}); "
+            f"use --budget <= {most}, or a smaller --r"
+        )
+
+
 LAYOUTS: tuple[str, ...] = ("layerif", "alphalora", "uniform", *(f"mola-{k}" for k in MOLA_PATTERNS))
 #: the layouts computed from layer scores, and the scoring method each reference uses
 SCORED_LAYOUTS: dict[str, str] = {"layerif": "layerif", "alphalora": "alpha_hill"}

@@ -32,15 +32,53 @@ logger = logging.getLogger(__name__)
 MAX_SPARSITY = 0.99
 #: Every per-layer sparsity allocation (name = the scoring method behind it, ``uniform``: none)
 #: with the spread its reference uses: LayerIF's Wanda/SparseGPT scripts ε = 0.1, OWL's
-#: λ = 0.08, AlphaPruning's ε = 0.2 (docs/method.md §2b, §3); uniform has none.
-REFERENCE_EPSILON: dict[str, float] = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "uniform": 0.0}
+#: λ = 0.08, AlphaPruning's ε = 0.2 (docs/method.md §2b, §3); the depth-ramp control
+#: (score = layer index, METHOD.md §5) was measured with ε = 0.1; uniform has none.
+REFERENCE_EPSILON: dict[str, float] = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "depth_ramp": 0.1,
+                                       "uniform": 0.0}
 #: the allocation names, in the order the CLI and docs list them
 ALLOCATIONS: tuple[str, ...] = tuple(REFERENCE_EPSILON)
+
+
+#: ``epsilon: auto``: the spreads tried (0 = uniform, always tried first; the allocation's
+#: reference spread is added when missing), each with the scores as given and inverted.
+AUTO_EPSILONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)
+AUTO = "auto"
 
 
 def default_epsilon(method: str) -> float:
     """The reference spread (ε, or OWL's λ) of an allocation method; 0.1 for methods without one."""
     return REFERENCE_EPSILON.get(method, 0.1)
+
+
+def check_epsilon(epsilon: float | str | None, what: str = "epsilon") -> float | str | None:
+    """A spread in [0, 1], ``"auto"`` (search it) or None (the reference's); refuses anything else."""
+    if epsilon is None or epsilon == AUTO:
+        return epsilon
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon):
+        raise AllocationError(f"{what} must be a number in [0, 1] or 'auto', got {epsilon!r}")
+    if not 0.0 <= epsilon <= 1.0:
+        raise AllocationError(
+            f"{what} must be in [0, 1] (relative ratios span [1-ε, 1+ε]; above 1 a layer would get negative "
+            f"sparsity) or 'auto', got {epsilon}"
+        )
+    return float(epsilon)
+
+
+def epsilon_or_auto(text: str) -> float | str:
+    """Command-line ``--epsilon``: ``auto`` or a finite number in [0, 1] (argparse reports a ValueError in one line)."""
+    return check_epsilon(AUTO if text.strip().lower() == AUTO else float(text), "--epsilon")  # type: ignore[return-value]
+
+
+def search_grid(method: str, grid: Sequence[float] | None = None) -> list[float]:
+    """The spreads ``epsilon: auto`` tries for ``method``, ascending, 0 (uniform) first.
+
+    ``grid`` (default :data:`AUTO_EPSILONS`) plus 0 and the method's reference spread, so
+    the search can only match or beat both uniform and the reference setting on its
+    held-out data.
+    """
+    values = [check_epsilon(float(e), "epsilon_grid value") for e in (AUTO_EPSILONS if grid is None else grid)]
+    return sorted({0.0, default_epsilon(method), *values})  # type: ignore[arg-type]
 
 
 def check_target(target: float, max_sparsity: float = MAX_SPARSITY) -> float:
@@ -153,13 +191,10 @@ def layerwise_sparsity(
     values = _check_scores(scores)
     params = _check_params(params_per_layer, len(values))
     target = check_target(target, max_sparsity)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon):
-        raise AllocationError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
-    if not 0.0 <= epsilon <= 1.0:
-        raise AllocationError(
-            f"epsilon must be in [0, 1] (relative ratios span [1-ε, 1+ε]; above 1 a layer would get negative "
-            f"sparsity), got {epsilon}"
-        )
+    if epsilon is None or epsilon == AUTO:
+        raise AllocationError(f"epsilon must be a number in [0, 1] here, got {epsilon!r} ('auto' is resolved by "
+                              "the pruning search, not by the mapping)")
+    epsilon = check_epsilon(epsilon)  # type: ignore[assignment]
     relative = [m * 2.0 * epsilon + (1.0 - epsilon) for m in _minmax(values)]
     out, clipped = rescale_to_target(relative, params, target, max_sparsity)
     if clipped:
@@ -206,13 +241,19 @@ def sparsity_from_scores(
     target: float,
     epsilon: float = 0.1,
     max_sparsity: float = MAX_SPARSITY,
+    invert: bool = False,
 ) -> list[float]:
     """Per-layer sparsity for scores of this direction: OWL's mapping for protect scores, §2b otherwise.
 
     ``direction`` is the scores' :class:`ScoreDirection` (``LayerScores.direction``); a
-    method name is accepted too and read as that method's direction.
+    method name is accepted too and read as that method's direction. ``invert`` reverses
+    the mapping (the scores are negated): more sparsity where the scores say less. On
+    SmolLM2 the inverted LayerIF mapping beat the §2b one (docs/METHOD.md §5), so
+    ``epsilon: auto`` tries both.
     """
     direction = as_direction(direction)
+    if invert:
+        scores = [-float(s) for s in _check_scores(scores)]
     if direction.sparsity_mapping == "owl":
         return owl_sparsity(scores, target, lmbda=epsilon, max_sparsity=max_sparsity)
     return layerwise_sparsity(scores, params_per_layer, target, epsilon=epsilon, max_sparsity=max_sparsity)
@@ -220,13 +261,18 @@ def sparsity_from_scores(
 
 __all__ = [
     "ALLOCATIONS",
+    "AUTO",
+    "AUTO_EPSILONS",
     "MAX_SPARSITY",
     "REFERENCE_EPSILON",
     "default_epsilon",
+    "check_epsilon",
     "check_target",
     "layerwise_sparsity",
     "owl_sparsity",
+    "epsilon_or_auto",
     "rescale_to_target",
+    "search_grid",
     "sparsity_from_scores",
     "weighted_mean",
 ]

@@ -1,8 +1,20 @@
 """The ``layerif`` command. Each module of this package adds one or more subcommands.
 
 A module defines ``register(subparsers)`` that adds its parser(s) with
-``set_defaults(func=...)``; modules are discovered, so a new command is a new file.
-Errors raised on purpose (:class:`LayerIFError`) are printed as one line, exit code 2.
+``set_defaults(func=...)`` and declares its output and input paths
+(:func:`~layerif_plugins.cli.common.declare_paths`); modules are discovered, so a new
+command is a new file.
+
+Every failure is one line on stderr, ``layerif COMMAND: error: ...``:
+
+* errors raised on purpose (:class:`LayerIFError`), bad options (argparse, without the
+  usage block) and operating-system errors (a file that cannot be read or written): exit 2;
+* Ctrl-C (SIGINT): exit 130; SIGTERM: exit 143 (128 + the signal number, the shell's
+  convention). Both unwind as exceptions, so every temp directory (``io.atomic_dir``'s,
+  ``tempfile.TemporaryDirectory``) is removed and ``--out`` is left as it was.
+
+The output paths are checked before the command runs (type, writability, ``--overwrite``,
+never an input; see :mod:`layerif_plugins.io`).
 """
 
 from __future__ import annotations
@@ -11,13 +23,28 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from layerif_plugins.errors import LayerIFError
 
 
+class Terminated(BaseException):  # noqa: N818 - named after the signal, like KeyboardInterrupt
+    """SIGTERM, raised in the main thread so the command unwinds (temp directories removed) and exits 143."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (``layerif COMMAND: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="layerif", description="Layer-wise influence scores for LLM pruning (llm-compressor) and LoRA-MoE (PEFT)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -30,16 +57,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what failed and on which path."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    name = f"layerif {args.command}"
+    from layerif_plugins.cli.common import check_paths
+    from layerif_plugins.io import replacing
+
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_raises():
+            approved = check_paths(args)  # before any work: --out type, writability, --overwrite, inputs
+            with replacing(*approved):
+                return int(args.func(args) or 0)
     except LayerIFError as exc:
-        print(f"layerif {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: error: interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{name}: error: terminated (SIGTERM); nothing half-written was left behind", file=sys.stderr)
+        return 143
+    except OSError as exc:
+        logging.getLogger(__name__).debug("operating-system error", exc_info=True)
+        print(f"{name}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
 
 
@@ -53,9 +120,13 @@ def console_main() -> int:
     """
     from layerif_plugins.engine.threads import configure_threads, reexec_with_wait_policy
 
-    reexec_with_wait_policy()
-    configure_threads()
-    return main()
+    try:
+        reexec_with_wait_policy()
+        configure_threads()
+        return main()
+    except KeyboardInterrupt:  # before main's own handling (while torch is imported)
+        print("layerif: error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import types
 import typing
@@ -20,6 +21,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from layerif_plugins.data import Examples, load_examples
+from layerif_plugins.errors import ConfigError
+from layerif_plugins.io import (
+    check_out_dir,
+    check_out_file,
+    check_outputs_apart,
+    check_readable,
+)
 from layerif_plugins.models import load_model_and_tokenizer
 
 if TYPE_CHECKING:
@@ -43,6 +51,129 @@ def add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
 
 def add_progress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------- option values
+
+
+def finite_float(text: str) -> float:
+    """``type=`` of a float option: a finite number (``nan`` / ``inf`` are refused by the parser, in one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` of a count option (``--limit``, ``--nproc``, ``--n-*``): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- output and input paths
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """Which options of a command are outputs and inputs, for the checks :func:`check_paths` runs before the work.
+
+    Attributes:
+        dirs: dests of directory outputs, replaced atomically (``io.atomic_dir``).
+        files: dest → kind (``json`` / ``png``) of file outputs.
+        into: dests of directories the command writes files into and keeps (``--task-dir``).
+        inputs: dests of input paths (a string, or a list of them).
+        more_inputs: the inputs hidden inside other options (``eval --tasks perplexity:FILE``).
+        names: dest → how the user wrote it (``--out``, ``checkpoint``), filled by :func:`declare_paths`.
+    """
+
+    dirs: tuple[str, ...] = ()
+    files: Mapping[str, str] = field(default_factory=dict)
+    into: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    more_inputs: Callable[[argparse.Namespace], dict[str, list[str]]] | None = None
+    names: Mapping[str, str] = field(default_factory=dict)
+
+    def name(self, dest: str) -> str:
+        return self.names.get(dest, f"--{dest.replace('_', '-')}")
+
+
+def declare_paths(
+    p: argparse.ArgumentParser,
+    *,
+    dirs: Sequence[str] = (),
+    files: Mapping[str, str] | None = None,
+    into: Sequence[str] = (),
+    inputs: Sequence[str] = (),
+    more_inputs: Callable[[argparse.Namespace], dict[str, list[str]]] | None = None,
+) -> PathSpec:
+    """Declare a command's output and input paths (after its options) and add ``--overwrite``.
+
+    The ``layerif`` entry point then checks them all before the command runs
+    (:func:`check_paths`): one rule for ``--out`` in every command.
+    """
+    names = {}
+    for action in p._actions:
+        if action.dest in {*dirs, *(files or {}), *into, *inputs}:
+            names[action.dest] = action.option_strings[0] if action.option_strings else action.dest
+    if (dirs or files) and "--overwrite" not in p._option_string_actions:
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output (only one written by layerif: never an input, never "
+                            "a directory without its marker file)")
+    spec = PathSpec(dirs=tuple(dirs), files=dict(files or {}), into=tuple(into), inputs=tuple(inputs),
+                    more_inputs=more_inputs, names=names)
+    p.set_defaults(path_spec=spec)
+    return spec
+
+
+def _listed(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+
+
+def check_paths(args: argparse.Namespace) -> list[str]:
+    """Run every output / input check of the command's :class:`PathSpec` before any work.
+
+    Returns the directory outputs the command may replace (``--overwrite`` given), for
+    :func:`layerif_plugins.io.replacing`.
+    """
+    spec: PathSpec | None = getattr(args, "path_spec", None)
+    if spec is None:
+        return []
+    inputs = {spec.name(d): _listed(getattr(args, d, None)) for d in spec.inputs}
+    if spec.more_inputs is not None:
+        inputs.update(spec.more_inputs(args))
+    for name, values in inputs.items():
+        for value in values:
+            check_readable(name, value)
+    overwrite = bool(getattr(args, "overwrite", False))
+    for dest in (*spec.dirs, *spec.files, *spec.into):
+        value = getattr(args, dest, None)
+        if value is not None and str(value).strip() == "":
+            raise ConfigError(f"{spec.name(dest)} is empty: give a path")
+    outputs: dict[str, Any] = {}
+    for dest in spec.dirs:
+        if getattr(args, dest, None):
+            outputs[spec.name(dest)] = check_out_dir(getattr(args, dest), overwrite=overwrite,
+                                                     option=spec.name(dest), inputs=inputs)
+    for dest, kind in spec.files.items():
+        if getattr(args, dest, None):
+            outputs[spec.name(dest)] = check_out_file(getattr(args, dest), overwrite=overwrite, kind=kind,
+                                                      option=spec.name(dest), inputs=inputs)
+    for dest in spec.into:
+        if getattr(args, dest, None):
+            outputs[spec.name(dest)] = check_out_dir(getattr(args, dest), option=spec.name(dest), inputs=inputs,
+                                                     into=True)
+    check_outputs_apart(outputs)
+    return [str(getattr(args, d)) for d in spec.dirs if overwrite and getattr(args, d, None)]
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -134,10 +265,14 @@ def _converter(kinds: tuple[type, ...]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         for t in order:
             try:
-                return t(text)
+                value = t(text)
             except ValueError:
                 continue
-        raise argparse.ArgumentTypeError(f"{text!r} is not a {' or '.join(t.__name__ for t in order)}")
+            if t is float and not math.isfinite(value):
+                continue  # nan / inf are never a setting: refused (or a string, for a field that takes one)
+            return value
+        kind = " or ".join("finite number" if t is float else t.__name__ for t in order)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}")
 
     convert.__name__ = order[0].__name__ if len(order) == 1 else "value"
     return convert

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from layerif_plugins.cli.common import declare_paths
 from layerif_plugins.models import load_model_and_tokenizer, save_model_dir
 
 
@@ -14,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokenizer (llama2.c: default tok*.bin beside it; GGUF: default the file's own)")
     p.add_argument("--dtype", default="float32",
                    help="float32 | bfloat16 | float16 | float64 of the saved weights (GGUF is dequantized to it)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (written atomically; see --overwrite)")
+    declare_paths(p, dirs=("out",), inputs=("checkpoint", "tokenizer"))
     p.set_defaults(func=run)
 
 

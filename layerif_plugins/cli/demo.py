@@ -30,7 +30,14 @@ import logging
 from pathlib import Path
 
 from layerif_plugins.cli.common import ConfigOptions
-from layerif_plugins.pipelines.demo import DemoConfig, StageClock, config_for, parse_sparsities, run_demo
+from layerif_plugins.pipelines.demo import (
+    DemoConfig,
+    StageClock,
+    config_for,
+    parse_sparsities,
+    prepare_out,
+    run_demo,
+)
 
 #: the demo's options, generated from DemoConfig's scalar fields (a new field is a new option);
 #: the model, the output directory, the sparsity and depth lists and --quiet are declared below
@@ -45,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="llama2.c .bin, HF dir, .gguf or catalogue name (default: ../shared stories260K; "
                         "smollm2-135m runs its own configuration)")
-    p.add_argument("--out", default="demo_out", help="output directory")
+    p.add_argument("--out", default="demo_out",
+                   help="output directory: new, empty, or an earlier demo's (the demo resumes into it)")
     p.add_argument("--sparsity", default=None,
                    help="global Wanda sparsities, comma-separated (default: 0.3,0.5,0.7; SmolLM2 0.5,0.6,0.7)")
     p.add_argument("--depth", default=None,
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from layerif_plugins.pipelines.demo_report import write_report
 
     config = config_from_args(args)  # fails before any work
+    prepare_out(config, args.out)  # refuses a directory that is not a demo's own, before the log file goes in
     log = _log_to_file(config.log_dir or Path(args.out) / "logs")
     _say(0.0, f"{config.title}: {len(config.tasks)} tasks, sparsities {list(config.sparsities)}, "
               f"allocations {list(config.allocations)}; logs in {log.parent}")

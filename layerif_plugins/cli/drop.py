@@ -15,12 +15,19 @@ import argparse
 from typing import Any
 
 from layerif_plugins.allocate.layers import DROP_RULES, check_k, last_layers, layers_to_drop
-from layerif_plugins.cli.common import ConfigOptions, add_model_args, add_progress_args, load_model, load_scoring_data
+from layerif_plugins.cli.common import (
+    ConfigOptions,
+    add_model_args,
+    add_progress_args,
+    declare_paths,
+    load_model,
+    load_scoring_data,
+    positive_int,
+)
 from layerif_plugins.data import pad_id_of
 from layerif_plugins.depth.drop import drop_layers, save_dropped
 from layerif_plugins.depth.heal import HealConfig
 from layerif_plugins.errors import ConfigError
-from layerif_plugins.io import check_parent
 from layerif_plugins.models import PARAM_GROUPS, num_layers
 from layerif_plugins.scores import LayerScores
 
@@ -52,21 +59,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by", required=True, choices=DROP_RULES, help="how to choose the layers")
     p.add_argument("--scores", default=None, help="a LayerScores file of this model (skips scoring)")
     p.add_argument("--calib", default=None, help="calibration text for --by angular / block_influence")
-    p.add_argument("--n-calib", type=int, default=64, help="calibration examples (first N)")
+    p.add_argument("--n-calib", type=positive_int, default=64, help="calibration examples (first N)")
     p.add_argument("--train", default=None, help="LayerIF train data (--by layerif without --scores)")
     p.add_argument("--val", default=None, help="LayerIF validation data (--by layerif without --scores)")
-    p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-val", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128, help="truncate examples to T tokens")
+    p.add_argument("--n-train", type=positive_int, default=64)
+    p.add_argument("--n-val", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=128, help="truncate examples to T tokens")
     p.add_argument("--text-field", default="text", help="JSONL text field")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--save-scores", default=None, help="also write the computed scores here")
     p.add_argument("--heal-steps", type=int, default=0, help="LoRA healing steps after the drop (0: none)")
     p.add_argument("--heal-data", default=None, help="text for healing (.txt / .jsonl)")
-    p.add_argument("--heal-n", type=int, default=None, help="healing examples (default: all)")
+    p.add_argument("--heal-n", type=positive_int, default=None, help="healing examples (default: all)")
     add_heal_args(p)
     add_progress_args(p)
-    p.add_argument("--out", required=True, help="output HF model directory (written atomically)")
+    p.add_argument("--out", required=True, help="output HF model directory (written atomically; see --overwrite)")
+    declare_paths(p, dirs=("out",), files={"save_scores": "json"},
+                  inputs=("model", "tokenizer", "scores", "calib", "train", "val", "heal_data"))
     p.set_defaults(func=run)
 
 
@@ -87,7 +96,6 @@ def _scores(model: Any, tok: Any, args: argparse.Namespace) -> LayerScores:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_parent(args.out)
     if args.heal_steps and not args.heal_data:
         raise ConfigError("--heal-steps needs --heal-data FILE (the text to fine-tune on)")
     if args.heal_steps < 0:

@@ -6,8 +6,9 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from layerif_plugins.cli.common import declare_paths, finite_float, positive_int
 from layerif_plugins.errors import ConfigError
-from layerif_plugins.io import atomic_write_json, check_parent
+from layerif_plugins.io import atomic_write_json
 
 if TYPE_CHECKING:
     from layerif_plugins.integrations.vllm_backend import VllmOptions
@@ -21,18 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: perplexity:FILE, mc:FILE.jsonl, tinystories-mc, tinystories-ppl "
                         "(repeat the flag for paths with commas)")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    p.add_argument("--limit", type=int, default=None, help="first N documents / items of every task")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N documents / items of every task")
     p.add_argument("--mc-fields", default=None,
                    help="field names of mc files, e.g. question=ctx,choices=endings,label=gold")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (hf backend)")
     p.add_argument("--dtype", default=None,
                    help="weights dtype (default float32; vLLM's auto runs a float32 checkpoint in bfloat16/float16)")
-    p.add_argument("--max-length", type=int, default=None, help="context length (default: the model config's)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model config's)")
     p.add_argument("--task-dir", default=None, help="keep the generated lm-eval task files here")
     p.add_argument("--vllm-python", default=None, help="vLLM interpreter (default: $LAYERIF_VLLM_PYTHON or .venv-vllm)")
     _vllm_options(p)
-    p.add_argument("--out", default=None, help="results JSON (written atomically)")
+    p.add_argument("--out", default=None, help="results JSON (written atomically; see --overwrite)")
+    declare_paths(p, files={"out": "json"}, into=("task_dir",), inputs=("model", "tokenizer"),
+                  more_inputs=_task_files)
     p.set_defaults(func=run)
 
     c = sub.add_parser("vllm-check", help="check that a saved model dir is loadable by vLLM; --run serves it")
@@ -40,23 +43,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--run", action="store_true",
                    help="also serve it with vllm.LLM in the vLLM env (`make vllm-env`; CPU or GPU)")
     c.add_argument("--text", default=None, help="perplexity text file for --run")
-    c.add_argument("--limit", type=int, default=None, help="first N documents of --text")
+    c.add_argument("--limit", type=positive_int, default=None, help="first N documents of --text")
     c.add_argument("--prompt", action="append", default=None, help="generation prompt for --run (repeatable)")
-    c.add_argument("--max-tokens", type=int, default=64)
-    c.add_argument("--context-length", type=int, default=None,
+    c.add_argument("--max-tokens", type=positive_int, default=64)
+    c.add_argument("--context-length", type=positive_int, default=None,
                    help="perplexity window (default: max_position_embeddings - 2)")
     c.add_argument("--dtype", default="float32", help="vLLM dtype (float32 matches the HF evaluator; auto: bf16/fp16)")
     c.add_argument("--vllm-python", default=None)
     _vllm_options(c)
-    c.add_argument("--out", default=None, help="results JSON")
+    c.add_argument("--out", default=None, help="results JSON (see --overwrite)")
+    declare_paths(c, files={"out": "json"}, inputs=("model", "text"))
     c.set_defaults(func=run_check)
 
 
 def _vllm_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache-gib", type=float, default=None,
+    p.add_argument("--kv-cache-gib", type=finite_float, default=None,
                    help="vLLM KV cache in GiB (default on CPU: 1, or $VLLM_CPU_KVCACHE_SPACE; on GPU vLLM's own)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="vLLM CPU threads (default: $OMP_NUM_THREADS, else every core this process may use)")
+
+
+def _task_files(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The data files named inside ``--tasks`` (``perplexity:FILE``, ``mc:FILE``): inputs ``--out`` must not touch."""
+    specs = [t.strip() for group in args.tasks or [] for t in group.split(",") if t.strip()]
+    return {"--tasks": [spec.partition(":")[2] for spec in specs if ":" in spec]}
 
 
 def _options(args: argparse.Namespace, dtype: str | None) -> VllmOptions:
@@ -80,8 +90,6 @@ def parse_fields(spec: str | None) -> dict[str, str] | None:
 def run(args: argparse.Namespace) -> int:
     from layerif_plugins.integrations.lm_eval import evaluate
 
-    if args.out:
-        check_parent(args.out)
     tasks = [t for group in args.tasks for t in group.split(",") if t.strip()]
     res = evaluate(args.model, tasks, tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size,
                    device=args.device, dtype=args.dtype, max_length=args.max_length, max_docs=args.limit,
@@ -108,8 +116,6 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     out = {"check": check.__dict__}
     if args.run:
-        if args.out:
-            check_parent(args.out)
         res = run_vllm(args.model, texts=args.text, prompts=args.prompt or ["Once upon a time"],
                        max_tokens=args.max_tokens, max_docs=args.limit, python=args.vllm_python,
                        context_length=args.context_length, options=_options(args, args.dtype))

@@ -12,9 +12,17 @@ import argparse
 import json
 from pathlib import Path
 
-from layerif_plugins.cli.common import ConfigOptions, add_model_args, add_progress_args, load_model, load_split
+from layerif_plugins.cli.common import (
+    ConfigOptions,
+    add_model_args,
+    add_progress_args,
+    declare_paths,
+    load_model,
+    load_split,
+    positive_int,
+)
 from layerif_plugins.data import pad_id_of
-from layerif_plugins.io import atomic_dir, atomic_write_json, check_parent
+from layerif_plugins.io import atomic_dir, atomic_write_json
 from layerif_plugins.training import TrainConfig
 
 #: the training options, generated from TrainConfig's fields (a new field is a new option)
@@ -27,13 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", required=True, help="adapter directory written by `layerif moe`")
     p.add_argument("--train", required=True, help="training data (.txt / .jsonl)")
     p.add_argument("--val", help="held-out data for loss/perplexity before and after training")
-    p.add_argument("--n-train", type=int, default=None, help="use N training examples (default: all)")
-    p.add_argument("--n-val", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--n-train", type=positive_int, default=None, help="use N training examples (default: all)")
+    p.add_argument("--n-val", type=positive_int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--text-field", default="text")
     TRAIN_OPTIONS.add_to(p.add_argument_group("training (TrainConfig)"))
     add_progress_args(p)
-    p.add_argument("--out", required=True, help="directory for the trained adapter (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="directory for the trained adapter (written atomically; see --overwrite)")
+    declare_paths(p, dirs=("out",), inputs=("model", "tokenizer", "adapter", "train", "val"))
     p.set_defaults(func=run)
 
 
@@ -42,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
     from layerif_plugins.integrations.peft_moe.build import LAYOUT_FILE, append_load_note
     from layerif_plugins.training import heldout_loss, train_adapter
 
-    check_parent(args.out)
     check_adapter_dir(args.adapter)
     config = TRAIN_OPTIONS.build(args)
     model, tok = load_model(args)

@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import argparse
 
-from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model
+from layerif_plugins.cli.common import add_model_args, add_progress_args, declare_paths, load_model, positive_int
 from layerif_plugins.cli.drop import add_heal_args, heal_options
 from layerif_plugins.data import load_examples, pad_id_of
 from layerif_plugins.depth.heal import heal, mean_loss, save_healed
-from layerif_plugins.io import check_parent
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("heal", help="LoRA healing fine-tune (MLP modules) of a model; merge back or save the adapter")
     add_model_args(p)
     p.add_argument("--data", required=True, help="training text (.txt / .jsonl)")
-    p.add_argument("--n", type=int, default=None, help="training examples (first N; default: all)")
+    p.add_argument("--n", type=positive_int, default=None, help="training examples (first N; default: all)")
     p.add_argument("--val", default=None, help="validation text: print the loss before and after")
-    p.add_argument("--n-val", type=int, default=64)
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    p.add_argument("--max-length", type=int, default=128, help="truncate examples to T tokens")
+    p.add_argument("--n-val", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
+    p.add_argument("--max-length", type=positive_int, default=128, help="truncate examples to T tokens")
     p.add_argument("--text-field", default="text", help="JSONL text field")
     add_heal_args(p, prefix="")
     p.add_argument("--no-merge", action="store_true", help="save the LoRA adapter instead of merged weights")
     add_progress_args(p)
-    p.add_argument("--out", required=True, help="output directory (HF model, or PEFT adapter with --no-merge)")
+    p.add_argument("--out", required=True,
+                   help="output directory (HF model, or PEFT adapter with --no-merge; see --overwrite)")
+    declare_paths(p, dirs=("out",), inputs=("model", "tokenizer", "data", "val"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_parent(args.out)
     cfg = heal_options(prefix="").build(args)  # steps from --steps
     model, tok = load_model(args)
     pad = pad_id_of(tok)

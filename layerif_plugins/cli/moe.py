@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import argparse
 
-from layerif_plugins.allocate.experts import LAYOUTS, SCORED_LAYOUTS
-from layerif_plugins.cli.common import add_model_args, add_progress_args, load_model, load_scoring_data
-from layerif_plugins.io import check_parent
+from layerif_plugins.allocate.experts import LAYOUTS, SCORED_LAYOUTS, check_budget_fits
+from layerif_plugins.cli.common import (
+    add_model_args,
+    add_progress_args,
+    declare_paths,
+    finite_float,
+    load_model,
+    load_scoring_data,
+    positive_int,
+)
 from layerif_plugins.report import markdown_table
 
 
@@ -19,28 +26,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("moe", help="layer scores → per-layer LoRA experts → initialised PEFT LoRA-MoE adapter")
     add_model_args(p)
     p.add_argument("--scores", help="LayerScores JSON (from `layerif score`); needed by --layout layerif")
-    p.add_argument("--budget", type=int, required=True, help="total number of experts T over all layers (>= layers)")
-    p.add_argument("--beta", type=float, default=2.5, help="exponent β of the score → experts mapping")
+    p.add_argument("--budget", type=positive_int, required=True,
+                   help="total number of experts T over all layers (>= layers; at most layers × hidden size / r)")
+    p.add_argument("--beta", type=finite_float, default=2.5, help="exponent β of the score → experts mapping")
     p.add_argument("--layout", default="layerif", choices=LAYOUTS,
                    help="layerif (METHOD §2a), alphalora (alpha_hill scores, AlphaLoRA rounding), MoLA, uniform")
-    p.add_argument("--max-top-k", type=int, default=2, help="router top-k of layers with more than one expert")
-    p.add_argument("--r", type=int, default=8, help="rank of every LoRA expert")
+    p.add_argument("--max-top-k", type=positive_int, default=2, help="router top-k of layers with more than one expert")
+    p.add_argument("--r", type=positive_int, default=8, help="rank of every LoRA expert")
     p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=finite_float, default=0.0)
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module names to adapt (default: the model family's projections, "
                         "q_proj … down_proj for Llama; models.families.FAMILIES)")
-    p.add_argument("--router-aux-loss-coef", type=float, default=0.001)
-    p.add_argument("--router-jitter", type=float, default=0.0)
+    p.add_argument("--router-aux-loss-coef", type=finite_float, default=0.001)
+    p.add_argument("--router-jitter", type=finite_float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter's initial weights")
     p.add_argument("--train", help="with --layout layerif and no --scores: task train data to score on")
     p.add_argument("--val", help="with --layout layerif and no --scores: task validation data")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-val", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--n-train", type=positive_int, default=None)
+    p.add_argument("--n-val", type=positive_int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--text-field", default="text")
     add_progress_args(p)
-    p.add_argument("--out", required=True, help="adapter directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="adapter directory to write (atomically; see --overwrite)")
+    declare_paths(p, dirs=("out",), inputs=("model", "tokenizer", "scores", "train", "val"))
     p.set_defaults(func=run)
 
 
@@ -63,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
+    from layerif_plugins.models import num_layers
     from layerif_plugins.models.families import peft_targets
 
-    check_parent(args.out)
     model, tok = load_model(args)
+    hidden = getattr(model.config, "hidden_size", None)
+    if hidden:  # before any scoring: a budget the layers cannot hold would grow without bound
+        check_budget_fits(args.budget, num_layers(model), int(hidden), args.r)
     scores, source = _scores(args, model, tok)
     layout = moe_layout(model, args.layout, args.budget, scores=scores, beta=args.beta, max_top_k=args.max_top_k)
     targets = ([t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules

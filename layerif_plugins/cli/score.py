@@ -13,13 +13,14 @@ from layerif_plugins.cli.common import (
     ConfigOptions,
     add_model_args,
     add_progress_args,
+    declare_paths,
     load_model,
     load_scoring_data,
+    positive_int,
 )
 from layerif_plugins.engine import InfluenceConfig
 from layerif_plugins.engine import distributed as dd
 from layerif_plugins.errors import ConfigError
-from layerif_plugins.io import check_parent
 from layerif_plugins.models import resolve_device
 from layerif_plugins.scorers import SCORERS, get_scorer, resolve_scores
 
@@ -34,21 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", help="task training data (.txt / .jsonl)")
     p.add_argument("--val", help="task validation data (.txt / .jsonl)")
     p.add_argument("--calib", help="calibration data for data-driven baselines")
-    p.add_argument("--n-train", type=int, default=None, help="use the first N train examples (default: all)")
-    p.add_argument("--n-val", type=int, default=None, help="use the first M validation examples (default: all)")
-    p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--n-train", type=positive_int, default=None, help="use the first N train examples (default: all)")
+    p.add_argument("--n-val", type=positive_int, default=None,
+                   help="use the first M validation examples (default: all)")
+    p.add_argument("--n-calib", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=None, help="sample N/M examples with this seed instead of the first")
-    p.add_argument("--max-length", type=int, default=128, help="truncate examples to T tokens")
+    p.add_argument("--max-length", type=positive_int, default=128, help="truncate examples to T tokens")
     p.add_argument("--text-field", default="text", help="JSONL text field")
     p.add_argument("--label-field", default=None,
                    help="JSONL label field of a labelled --calib set (methods that need labels, e.g. variability; "
                         "default: label)")
     p.add_argument("--per-example", action="store_true", help="keep s_i^l for every train example in the file")
     INFLUENCE_OPTIONS.add_to(p.add_argument_group("LayerIF engine (InfluenceConfig)"))
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=None,
                    help="data-parallel over N processes on this machine (relaunches itself with torchrun)")
     add_progress_args(p)
-    p.add_argument("--out", required=True, help="scores JSON path (written atomically)")
+    p.add_argument("--out", required=True, help="scores JSON path (written atomically; see --overwrite)")
+    declare_paths(p, files={"out": "json"}, inputs=("model", "tokenizer", "train", "val", "calib", "checkpoint_dir"))
     p.set_defaults(func=run)
 
 
@@ -77,7 +80,6 @@ def _relaunch_with_torchrun(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch_with_torchrun(args)
-    check_parent(args.out)
     dist_device = dd.init_from_env(resolve_device(args.device).type)
     if dist_device is not None:
         args.device = str(dist_device)

@@ -14,9 +14,9 @@ import argparse
 import json
 
 from layerif_plugins.allocate.layers import adapt_rule, layers_to_adapt, lora_config_kwargs
-from layerif_plugins.cli.common import load_scoring_data
+from layerif_plugins.cli.common import declare_paths, load_scoring_data, positive_int
 from layerif_plugins.errors import ConfigError
-from layerif_plugins.io import atomic_write_json, check_parent
+from layerif_plugins.io import atomic_write_json
 from layerif_plugins.models.families import LLAMA_PROJECTIONS, peft_targets
 
 
@@ -27,18 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--by", default="variability", help="scoring method when --model is given (default variability)")
     p.add_argument("--data", default=None, help="labelled JSONL (variability) or calibration text")
-    p.add_argument("--n", type=int, default=None, help="examples to use (first N; default: all)")
+    p.add_argument("--n", type=positive_int, default=None, help="examples to use (first N; default: all)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--save-scores", default=None, help="write the computed scores here")
-    p.add_argument("--k", type=int, required=True, help="number of layers to adapt")
+    p.add_argument("--k", type=positive_int, required=True, help="number of layers to adapt")
     p.add_argument("--rule", default="auto", choices=["auto", "highest", "lowest"])
     p.add_argument("--target-modules", default=None,
                    help="comma-separated LoRA targets (default: the model family's projections, or Llama names)")
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--r", type=positive_int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--out", default=None, help="write the LoraConfig JSON snippet here")
+    p.add_argument("--out", default=None, help="write the LoraConfig JSON snippet here (see --overwrite)")
+    declare_paths(p, files={"out": "json", "save_scores": "json"}, inputs=("scores", "model", "tokenizer", "data"))
     p.set_defaults(func=run)
 
 
@@ -60,8 +61,6 @@ def _score(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if (args.scores is None) == (args.model is None):
         raise ConfigError("pass exactly one of --scores FILE or --model PATH (with --by and --data)")
-    if args.out:
-        check_parent(args.out)
     model = None
     if args.scores:
         from layerif_plugins.scorers import resolve_scores

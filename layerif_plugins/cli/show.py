@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from layerif_plugins.cli.common import declare_paths
 from layerif_plugins.scores import LayerScores
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="print scores file(s) as a table, optionally a PNG bar plot")
     p.add_argument("scores", nargs="+", help="LayerScores JSON file(s)")
-    p.add_argument("--png", default=None, help="write a bar plot of the per-layer scores here")
+    p.add_argument("--png", default=None, help="write a bar plot of the per-layer scores here (see --overwrite)")
+    declare_paths(p, files={"png": "png"}, inputs=("scores",))
     p.set_defaults(func=run)
 
 

@@ -10,9 +10,11 @@ from layerif_plugins.data.text import (
     collate,
     iter_jsonl_objects,
     load_examples,
+    model_positions,
     pad_id_of,
     plan_batches,
     read_records,
+    read_text_file,
     select,
 )
 
@@ -27,9 +29,11 @@ __all__ = [
     "iter_jsonl_objects",
     "load_examples",
     "load_labelled",
+    "model_positions",
     "pad_id_of",
     "plan_batches",
     "read_labelled",
     "read_records",
+    "read_text_file",
     "select",
 ]

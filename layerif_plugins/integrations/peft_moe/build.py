@@ -58,7 +58,12 @@ def moe_layout(
 
 
 def moe_config(model: nn.Module, layout: ExpertLayout, **config_kwargs: Any) -> LoraMoeConfig:
-    """A :class:`LoraMoeConfig` giving decoder layer ``i`` ``layout.experts[i]`` experts and ``layout.top_k[i]``."""
+    """A :class:`LoraMoeConfig` giving decoder layer ``i`` ``layout.experts[i]`` experts and ``layout.top_k[i]``.
+
+    ``task_type`` defaults to ``"CAUSAL_LM"`` (the models here are causal LMs), so the saved adapter
+    also loads with ``AutoPeftModelForCausalLM.from_pretrained(dir)``.
+    """
+    config_kwargs.setdefault("task_type", "CAUSAL_LM")
     names = layer_names(model)
     if len(names) != len(layout.experts):
         raise ConfigError(f"layout has {len(layout.experts)} layers but the model has {len(names)}")
@@ -74,7 +79,7 @@ def get_moe_model(model: nn.Module, layout: ExpertLayout, **config_kwargs: Any) 
 
 
 def built_layout(peft_model: Any, adapter_name: str = "default") -> tuple[list[int], list[int]]:
-    """``(experts, top_k)`` per decoder layer as actually built (read back from the routers)."""
+    """``(experts, top_k)`` per decoder layer as actually built (read back from the experts' weights)."""
     base = peft_model.get_base_model()
     names = layer_names(base)
     table = peft_model.base_model.layer_layout(adapter_name)
@@ -83,7 +88,7 @@ def built_layout(peft_model: Any, adapter_name: str = "default") -> tuple[list[i
         rows = [v for k, v in table.items() if k.startswith(f"{name}.")]
         if not rows:
             raise ConfigError(f"decoder layer {name} has no LoRA-MoE module")
-        ns = {r["router_out_features"] for r in rows}
+        ns = {r["num_experts"] for r in rows}
         ks = {r["top_k"] for r in rows}
         if len(ns) != 1 or len(ks) != 1:
             raise ConfigError(f"decoder layer {name} has modules with different expert counts {ns} / top-k {ks}")
@@ -124,7 +129,8 @@ def append_load_note(readme: Path) -> None:
         "\n## Loading this LoRA-MoE adapter\n\n"
         "It was made with layerif-plugins. Import the plugin before PEFT loads it:\n\n"
         "```python\nimport layerif_plugins.integrations.peft_moe  # registers LAYERIF_LORA_MOE with PEFT\n"
-        "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, ADAPTER_DIR)\n```\n\n"
+        "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, ADAPTER_DIR)\n"
+        "# or: AutoPeftModelForCausalLM.from_pretrained(ADAPTER_DIR); base_model.load_adapter(ADAPTER_DIR)\n```\n\n"
         "Without it PEFT stops with `KeyError: 'LAYERIF_LORA_MOE'`. The adapter cannot be merged into the "
         "base weights (routed experts); `layout.json` lists the experts and top-k per layer.\n"
     )

@@ -12,13 +12,12 @@ from typing import Any
 from peft.config import PeftConfig
 
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.integrations.peft_moe.peft_type import LORA_MOE_PEFT_TYPE, lora_moe_peft_type
 from layerif_plugins.models.families import LLAMA_PROJECTIONS
 
-# The PEFT type string. PEFT's ``PeftType`` enum is closed, so the method is registered under
-# a plain string key (see ``__init__.py``). The ``LAYERIF_`` namespace keeps it from ever
-# colliding with a future PEFT member, and names the plugin when PEFT fails to find it
-# (``KeyError: 'LAYERIF_LORA_MOE'`` = "import layerif_plugins first").
-LORA_MOE_PEFT_TYPE = "LAYERIF_LORA_MOE"
+# fields that hold a set of module names: sets in the config (as LoraConfig's target_modules), sorted
+# lists in to_dict / adapter_config.json, so a config and its JSON compare equal
+_NAME_SET_FIELDS = ("target_modules", "exclude_modules")
 
 _LAYER_OF_KEY = re.compile(r"^(?P<layer>.*?\.\d+)\.")
 
@@ -49,9 +48,12 @@ class LoraMoeConfig(PeftConfig):
     """Configuration of a :class:`LoraMoeModel`: LoRA experts behind a top-k router, per-layer expert counts.
 
     Every targeted linear layer keeps its frozen weight and gets ``n`` LoRA experts
-    (``A_e: r × in``, ``B_e: out × r``, ``B`` zero-initialised) and a bias-free linear router
-    ``in → n``; its output is ``W x + (α/r) Σ_{e ∈ top-k} g_e B_e A_e dropout(x)`` with
-    ``g = renormalised top-k of softmax(router(x))``. ``n`` and ``k`` vary per decoder layer.
+    (``A_e: r × in``, ``B_e: out × r``, ``B`` zero-initialised) and, when ``n > 1``, a bias-free linear
+    router ``in → n``; its output is ``W x + (α/r) Σ_{e ∈ top-k} g_e B_e A_e dropout(x)`` with
+    ``p = softmax(router(x))``. The gates ``g`` are zero outside the ``k`` most probable experts; inside,
+    ``g_e = p_e`` when ``k = 1`` (Switch Transformer: the router learns through the scale of the chosen
+    expert) and the top-k of ``p`` renormalised to sum 1 when ``k >= 2`` (Mixtral). A module with one
+    expert has no router (``g = 1``: a plain LoRA). ``n`` and ``k`` vary per decoder layer.
 
     Args:
         r (`int`): rank of every LoRA expert.
@@ -60,14 +62,22 @@ class LoraMoeConfig(PeftConfig):
         target_modules (`Union[list[str], str]`): module names (suffixes) or a regex to adapt; default:
             the seven Llama projections ``q,k,v,o,gate,up,down_proj``.
         exclude_modules (`Union[list[str], str]`, *optional*): module names or a regex to leave alone.
+        modules_to_save (`list[str]`, *optional*): modules besides the adapted ones to train fully and save in the
+            adapter, as in ``LoraConfig`` (e.g. ``["lm_head"]``). With ``task_type="SEQ_CLS"`` PEFT adds the
+            classification head (``score`` / ``classifier``) itself.
+        layers_to_transform (`Union[list[int], int]`, *optional*): adapt only the decoder layers with these indices
+            (as in ``LoraConfig``; needs a list of ``target_modules``, not a regex).
+        layers_pattern (`Union[list[str], str]`, *optional*): name of the ``nn.ModuleList`` holding the layers
+            (``"layers"``, ``"h"``), used with ``layers_to_transform``.
         num_experts (`int`): experts of a layer that no ``num_experts_pattern`` key names.
         top_k (`int`): experts routed per token in a layer that no ``top_k_pattern`` key names.
         num_experts_pattern (`dict[str, int]`): per-layer expert counts, keyed like PEFT's ``rank_pattern``: a
             key is a regex matched against the end of the module name *or* of its decoder-layer name, so
             ``{"model.layers.0": 2, "model.layers.1": 8}`` sets whole layers and
-            ``{"layers.1.mlp.down_proj": 4}`` one module. Every key must match a targeted module.
+            ``{"layers.1.mlp.down_proj": 4}`` one module. Every key must match a targeted module. A module with
+            one expert gets no router.
         top_k_pattern (`dict[str, int]`): per-layer top-k, keyed the same way. ``top_k`` may not exceed the
-            experts of its layer.
+            experts of its layer; top-1 gates are the un-renormalised router probability (see above).
         router_aux_loss_coef (`float`): weight of the Switch-Transformer load-balancing loss
             (``n · Σ_e f_e P_e`` per routed module, summed over all modules with more than one expert) added to
             the model's loss in training mode. 0 disables it.
@@ -91,6 +101,25 @@ class LoraMoeConfig(PeftConfig):
     )
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex to exclude from adaptation."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules apart from the LoRA-MoE layers to set as trainable and save in the adapter, as in "
+            "LoraConfig (e.g. ['lm_head']; a classification head `score`/`classifier` is added for SEQ_CLS)."
+        },
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder-layer indices to adapt (as in LoraConfig); only with a list of target_modules."
+        },
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the nn.ModuleList holding the layers ('layers', 'h'), used with layers_to_transform."
+        },
     )
     num_experts: int = field(
         default=4, metadata={"help": "Experts per adapted module unless a pattern says otherwise."}
@@ -127,15 +156,17 @@ class LoraMoeConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = LORA_MOE_PEFT_TYPE
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        self.peft_type = lora_moe_peft_type()
+        for attr in _NAME_SET_FIELDS:
+            value = getattr(self, attr)
+            if isinstance(value, (list, tuple)):
+                setattr(self, attr, set(value))
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
         if not self.target_modules:
             raise ConfigError("target_modules is empty; name the linear layers to adapt (e.g. ['q_proj', 'v_proj'])")
         for name, value in (("r", self.r), ("num_experts", self.num_experts), ("top_k", self.top_k)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -143,6 +174,7 @@ class LoraMoeConfig(PeftConfig):
             raise ConfigError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not 0.0 <= self.router_jitter < 1.0:
             raise ConfigError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        self._check_layer_selection()
         for attr in ("num_experts_pattern", "top_k_pattern"):
             pattern = getattr(self, attr) or {}
             if not isinstance(pattern, Mapping):
@@ -157,6 +189,37 @@ class LoraMoeConfig(PeftConfig):
                     raise ConfigError(f"{attr} key {key!r} is not a valid regex ({exc})") from exc
                 clean[str(key)] = value
             setattr(self, attr, clean)
+
+    def _check_layer_selection(self) -> None:
+        """``layers_to_transform`` / ``layers_pattern`` as ``LoraConfig`` accepts them (same rules)."""
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError(
+                "layers_to_transform cannot be used when target_modules is a regex string; pass a list of module "
+                "names (e.g. ['q_proj', 'v_proj']) or put the layer indices into the regex"
+            )
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ConfigError("layers_pattern cannot be used when target_modules is a regex string; pass a list")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError(
+                f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices to adapt)"
+            )
+        indices = self.layers_to_transform
+        if indices is not None:
+            values = [indices] if isinstance(indices, int) else indices
+            if not isinstance(values, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values
+            ):
+                raise ConfigError(f"layers_to_transform must be an int or a list of ints >= 0, got {indices!r}")
+            if isinstance(indices, tuple):
+                self.layers_to_transform = list(indices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values: name sets become sorted lists, so ``to_dict()`` equals the saved JSON."""
+        out = super().to_dict()
+        for attr in _NAME_SET_FIELDS:
+            if isinstance(out.get(attr), set):
+                out[attr] = sorted(out[attr])
+        return out
 
     def experts_and_top_k(self, module_key: str) -> tuple[int, int]:
         """``(num_experts, top_k)`` of the module named ``module_key`` (patterns first, then the defaults)."""

@@ -6,6 +6,14 @@ The N experts of one adapter are stored fused, as PEFT's Lily does with its B ad
 are ``B_e``). Scaling the ``r`` hidden units of each expert by its gate before ``B`` gives
 ``Σ_e g_e B_e A_e x`` in two matmuls, whatever N is; experts outside the top-k have
 ``g_e = 0`` and get no gradient, exactly as if they had been skipped.
+
+Gates. ``p = softmax(router(x))``; at ``top_k = 1`` the chosen expert is scaled by its own
+``p_e``, as in the Switch Transformer: renormalising a single gate would make it exactly 1,
+leaving the router without any gradient from the task loss (stories260K, 4-expert ``q_proj``:
+largest router gradient 4e-8 renormalised, 0.50 with ``p_e``, 1.00 at top-2). At
+``top_k >= 2`` the top-k probabilities are renormalised to sum 1 (Mixtral), which keeps a
+gradient through their ratios. A module with one expert is a plain LoRA: it has no router at
+all (no parameter that could never learn) and no load-balancing loss.
 """
 
 from __future__ import annotations
@@ -49,6 +57,20 @@ class TokenMask:
         return mask.to(device=x.device, dtype=torch.bool)
 
 
+class LastForward(dict):
+    """Per-adapter results of the last forward that are part of its autograd graph (the aux losses).
+
+    Copies and pickles start empty: ``copy.deepcopy`` cannot copy non-leaf tensors, and a copy of
+    the model has run no forward yet.
+    """
+
+    def __deepcopy__(self, memo: dict) -> LastForward:
+        return type(self)()
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return (type(self), ())
+
+
 def load_balancing_loss(probs: torch.Tensor, top_idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer load-balancing loss ``N · Σ_e f_e · P_e`` of one router.
 
@@ -76,8 +98,11 @@ class LoraMoeLayer(BaseTunerLayer):
 
     # All names of layers that may contain (trainable) adapter weights
     adapter_layer_names: tuple[str, ...] = ("lora_moe_A", "lora_moe_B", "lora_moe_router")
-    # All names of other attributes that hold per-adapter settings
-    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "lora_moe_dropout")
+    # All names of other attributes that hold per-adapter settings or state (PEFT's delete_adapter clears them all)
+    other_param_names: tuple[str, ...] = (
+        "r", "lora_alpha", "scaling", "num_experts", "top_k", "router_jitter", "lora_moe_dropout", "aux_loss",
+        "expert_load",
+    )
 
     def __init__(self, base_layer: nn.Module, token_mask: TokenMask | None = None, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -93,7 +118,7 @@ class LoraMoeLayer(BaseTunerLayer):
         self.lora_moe_dropout = nn.ModuleDict({})
         self.token_mask = token_mask or TokenMask()
         # last forward's load-balancing loss and expert load per adapter (read by the model)
-        self.aux_loss: dict[str, torch.Tensor] = {}
+        self.aux_loss: dict[str, torch.Tensor] = LastForward()
         self.expert_load: dict[str, torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -132,7 +157,10 @@ class LoraMoeLayer(BaseTunerLayer):
         self.lora_moe_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_moe_A[adapter_name] = nn.Linear(self.in_features, num_experts * r, bias=False)
         self.lora_moe_B[adapter_name] = nn.Linear(num_experts * r, self.out_features, bias=False)
-        self.lora_moe_router[adapter_name] = nn.Linear(self.in_features, num_experts, bias=False)
+        if num_experts > 1:  # one expert needs no routing: no router, so no parameter that never learns
+            self.lora_moe_router[adapter_name] = nn.Linear(self.in_features, num_experts, bias=False)
+        elif adapter_name in self.lora_moe_router:  # re-created with one expert
+            del self.lora_moe_router[adapter_name]
         self.reset_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -150,7 +178,8 @@ class LoraMoeLayer(BaseTunerLayer):
             nn.init.zeros_(self.lora_moe_B[adapter_name].weight)
         else:
             nn.init.normal_(self.lora_moe_B[adapter_name].weight, std=1.0 / math.sqrt(r))
-        self.lora_moe_router[adapter_name].reset_parameters()
+        if adapter_name in self.lora_moe_router:
+            self.lora_moe_router[adapter_name].reset_parameters()
 
     def expert(self, adapter_name: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_e, B_e)`` of expert ``index`` (views: ``r × in`` and ``out × r``)."""
@@ -162,14 +191,22 @@ class LoraMoeLayer(BaseTunerLayer):
         return a, b
 
     def route(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(gates, probs, top_idx)``: renormalised top-k gates (zero off the top-k), softmax, chosen experts."""
+        """``(gates, probs, top_idx)``: gates (zero off the top-k), softmax probabilities, chosen experts.
+
+        Top-1 gates are the chosen expert's probability (Switch); top-k >= 2 gates are renormalised
+        to sum 1 (Mixtral). Only for modules with a router (more than one expert).
+        """
+        if adapter_name not in self.lora_moe_router:
+            raise ConfigError(f"adapter {adapter_name!r} has {self.num_experts.get(adapter_name)} expert(s) here: "
+                              "nothing to route")
         router = self.lora_moe_router[adapter_name]
         jitter = self.router_jitter[adapter_name]
         if self.training and jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
         probs = F.softmax(router(x).float(), dim=-1)
         top_val, top_idx = torch.topk(probs, self.top_k[adapter_name], dim=-1)
-        top_val = top_val / top_val.sum(dim=-1, keepdim=True)
+        if top_idx.shape[-1] > 1:
+            top_val = top_val / top_val.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(-1, top_idx, top_val)
         return gates, probs, top_idx
 
@@ -210,7 +247,7 @@ class Linear(nn.Module, LoraMoeLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        self.aux_loss = {}
+        self.aux_loss = LastForward()
         if self.disable_adapters or not self.active_adapters:
             return result
         result_dtype = result.dtype
@@ -220,21 +257,28 @@ class Linear(nn.Module, LoraMoeLayer):
             lora_a = self.lora_moe_A[active_adapter]
             n, r = self.num_experts[active_adapter], self.r[active_adapter]
             xa = self._cast_input_dtype(x, lora_a.weight.dtype)
-            gates, probs, top_idx = self.route(active_adapter, xa)
             hidden = lora_a(self.lora_moe_dropout[active_adapter](xa))
-            hidden = (hidden.unflatten(-1, (n, r)) * gates.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
+            if n > 1:
+                gates, probs, top_idx = self.route(active_adapter, xa)
+                hidden = (hidden.unflatten(-1, (n, r)) * gates.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
+                self._record_routing(active_adapter, x, probs, top_idx)
+            else:
+                self.expert_load[active_adapter] = torch.ones(1, device=x.device)
             delta = self.lora_moe_B[active_adapter](hidden) * self.scaling[active_adapter]
             result = result + delta.to(result_dtype)
-            mask = self.token_mask.for_input(x)
-            with torch.no_grad():
-                flat = top_idx.reshape(-1, top_idx.shape[-1])
-                if mask is not None:
-                    flat = flat[mask.reshape(-1)]
-                load = torch.bincount(flat.reshape(-1), minlength=n).float()
-                self.expert_load[active_adapter] = load / load.sum().clamp_min(1.0)
-            if n > 1:
-                self.aux_loss[active_adapter] = load_balancing_loss(probs, top_idx, mask)
         return result
+
+    def _record_routing(self, adapter_name: str, x: torch.Tensor, probs: torch.Tensor, top_idx: torch.Tensor) -> None:
+        """Keep this forward's load-balancing loss and expert load (padding excluded) for the model to read."""
+        n = probs.shape[-1]
+        mask = self.token_mask.for_input(x)
+        with torch.no_grad():
+            flat = top_idx.reshape(-1, top_idx.shape[-1])
+            if mask is not None:
+                flat = flat[mask.reshape(-1)]
+            load = torch.bincount(flat.reshape(-1), minlength=n).float()
+            self.expert_load[adapter_name] = load / load.sum().clamp_min(1.0)
+        self.aux_loss[adapter_name] = load_balancing_loss(probs, top_idx, mask)
 
     def __repr__(self) -> str:
         return "lora_moe." + super().__repr__()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from layerif_plugins.integrations.peft_moe.config import (
 )
 from layerif_plugins.integrations.peft_moe.layer import (
     MERGE_MESSAGE,
+    LastForward,
     Linear,
     LoraMoeLayer,
     LoraMoeMergeError,
@@ -34,6 +37,85 @@ from layerif_plugins.models.families import peft_targets_by_type
 TARGET_MODULE_MAPPING: dict[str, list[str]] = peft_targets_by_type()
 
 
+class RouterRuntime:
+    """What all LoRA-MoE layers of one model share: the batch's token mask and the aux-loss hooks.
+
+    It lives on the wrapped model (one per model, whatever number of tuners or adapters inject
+    into it), so adapters added by ``add_adapter``, transformers' ``load_adapter`` (a tuner per
+    call, through ``inject_adapter_in_model``) or several ``get_peft_model`` calls share one mask
+    and one pair of hooks, and the loss is added once. Removed by ``unload()``.
+
+    Hooks on the wrapped model, so the aux loss is added whoever calls it: a plain ``PeftModel``
+    (``task_type=None``) calls the base model directly, skipping the tuner's ``forward``; hooks on
+    the base model run on every path (``PeftModelForCausalLM``, plain ``PeftModel``, ``generate``,
+    the HF ``Trainer``, a transformers model with adapters loaded by ``load_adapter``).
+    """
+
+    ATTRIBUTE = "_lora_moe_runtime"
+
+    def __init__(self) -> None:
+        self.token_mask = TokenMask()
+        self.router_aux_loss: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies (deepcopy of the model, pickling) drop the last loss: a non-leaf tensor cannot be deep-copied
+        return {**self.__dict__, "router_aux_loss": None}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> RouterRuntime:
+        """The runtime of ``model``, created and hooked in on first use."""
+        runtime = model.__dict__.get(cls.ATTRIBUTE)
+        if runtime is None:
+            runtime = cls()
+            runtime._hooks = [
+                model.register_forward_pre_hook(runtime._before_forward, with_kwargs=True),
+                model.register_forward_hook(runtime._after_forward, with_kwargs=True),
+            ]
+            model.__dict__[cls.ATTRIBUTE] = runtime
+        return runtime
+
+    @classmethod
+    def remove(cls, model: nn.Module) -> None:
+        runtime = model.__dict__.pop(cls.ATTRIBUTE, None)
+        if runtime is not None:
+            for hook in runtime._hooks:
+                hook.remove()
+            runtime._hooks = []
+            runtime.token_mask.mask = None
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self.token_mask.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for layer in _moe_layers(module):
+            layer.aux_loss = LastForward()
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        per_adapter: dict[str, list[torch.Tensor]] = {}
+        for layer in _moe_layers(module):
+            for name, loss in layer.aux_loss.items():
+                per_adapter.setdefault(name, []).append(loss)
+        if not per_adapter:
+            self.router_aux_loss = None
+            return outputs
+        device = next(iter(per_adapter.values()))[0].device
+        sums = {name: torch.stack([t.to(device) for t in terms]).sum() for name, terms in per_adapter.items()}
+        self.router_aux_loss = torch.stack(list(sums.values())).sum()
+        loss = getattr(outputs, "loss", None)
+        if not module.training or not isinstance(loss, torch.Tensor):
+            return outputs
+        configs = getattr(module, "peft_config", None) or {}
+        coefs = {name: float(getattr(configs.get(name), "router_aux_loss_coef", 0.0)) for name in sums}
+        if any(c > 0 for c in coefs.values()):
+            added = torch.stack([coefs[name] * total for name, total in sums.items()]).sum()
+            outputs.loss = loss + added.to(device=loss.device, dtype=loss.dtype)
+        return outputs
+
+
+def _moe_layers(model: nn.Module) -> list[LoraMoeLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraMoeLayer)]
+
+
 class LoraMoeModel(BaseTuner):
     """Mixture of LoRA experts with a per-layer number of experts and router top-k.
 
@@ -42,7 +124,15 @@ class LoraMoeModel(BaseTuner):
     ``router_aux_loss_coef × router_aux_loss`` to the model's loss (when labels give one),
     as PEFT's AdaLoRA adds its orthogonality regulariser — from a forward hook on the wrapped
     model rather than from ``forward``, because a plain ``PeftModel`` skips the tuner's
-    ``forward``. :attr:`router_aux_loss` keeps the unweighted sum of the last forward.
+    ``forward`` (:class:`RouterRuntime`). With several active adapters each adds its own
+    ``router_aux_loss_coef ×`` its routers' loss. :attr:`router_aux_loss` keeps the unweighted
+    sum of the last forward.
+
+    Like ``LoraModel``: multiple adapters (``add_adapter``, ``load_adapter``, ``set_adapter``,
+    ``delete_adapter``), ``disable_adapter()``, ``modules_to_save``, task heads,
+    ``layers_to_transform``, ``unload()``. Not like it: merging (``merge_and_unload``,
+    ``merge_adapter``) raises :class:`LoraMoeMergeError` — the update depends on input-dependent
+    gates, so there is no weight delta — and per-sample ``adapter_names`` batches are refused.
 
     Args:
         model (`torch.nn.Module`): the model to adapt.
@@ -58,11 +148,14 @@ class LoraMoeModel(BaseTuner):
     target_module_mapping = TARGET_MODULE_MAPPING
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
-        # set before BaseTuner.__init__, which injects the layers that share it
-        self._token_mask = TokenMask()
-        self.router_aux_loss: torch.Tensor | None = None
+        # set before BaseTuner.__init__, which injects the layers that share its token mask
+        self._runtime = RouterRuntime.of(model)
         super().__init__(model, config, adapter_name, **kwargs)
-        self._install_hooks()
+
+    @property
+    def router_aux_loss(self) -> torch.Tensor | None:
+        """Summed (unweighted) load-balancing loss of the last forward; None before any forward with routers."""
+        return self._runtime.router_aux_loss
 
     # ------------------------------------------------------------------ injection
 
@@ -99,9 +192,11 @@ class LoraMoeModel(BaseTuner):
                 )
         targeted = self._targeted_keys(model, config)
         if not targeted:
+            layers = (f" in layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+                      f"{config.layers_pattern!r})" if config.layers_to_transform is not None else "")
             raise ConfigError(
-                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}; "
-                "pass module names (suffixes) or a regex that exists in the model"
+                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}{layers}; "
+                "pass module names (suffixes) or a regex that exists in the model, and layer indices it has"
             )
         layers = sorted({layer_key_of(k) or k for k in targeted}, key=_natural)
         for attr in ("num_experts_pattern", "top_k_pattern"):
@@ -152,53 +247,22 @@ class LoraMoeModel(BaseTuner):
                 f"{current_key} is a {type(base).__name__}; LoRA-MoE adapts nn.Linear modules only. "
                 "Remove it from target_modules."
             )
-        new_module = Linear(target, adapter_name, token_mask=self._token_mask, **kwargs)
+        new_module = Linear(target, adapter_name, token_mask=self._runtime.token_mask, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     # ------------------------------------------------------------------ forward + aux loss
 
-    def _moe_layers(self) -> list[LoraMoeLayer]:
-        return [m for m in self.model.modules() if isinstance(m, LoraMoeLayer)]
-
-    def _install_hooks(self) -> None:
-        """Hooks on the wrapped model, so the aux loss is added whoever calls it.
-
-        A plain ``PeftModel`` (``task_type=None``) calls the base model directly, skipping the
-        tuner's ``forward``; hooks on the base model run on every path (``PeftModelForCausalLM``,
-        plain ``PeftModel``, ``generate``, the HF ``Trainer``) and are removed on ``unload()``.
-        """
-        self._hooks = [
-            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            self.model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
-
-    def _remove_hooks(self) -> None:
-        for hook in getattr(self, "_hooks", []):
-            hook.remove()
-        self._hooks = []
-
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        self._token_mask.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        for layer in self._moe_layers():
-            layer.aux_loss = {}
-
-    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
-        self.router_aux_loss = self._sum_aux_loss(self._moe_layers())
-        coef = max((self.peft_config[a].router_aux_loss_coef for a in self.active_adapters
-                    if a in self.peft_config), default=0.0)
-        loss = getattr(outputs, "loss", None)
-        if module.training and coef > 0 and self.router_aux_loss is not None and isinstance(loss, torch.Tensor):
-            outputs.loss = loss + coef * self.router_aux_loss.to(device=loss.device, dtype=loss.dtype)
-        return outputs
-
-    def _sum_aux_loss(self, layers: list[LoraMoeLayer]) -> torch.Tensor | None:
-        terms = [loss for layer in layers for a in self.active_adapters if (loss := layer.aux_loss.get(a)) is not None]
-        if not terms:
-            return None
-        return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Refuse ``adapter_names`` (per-sample adapters): PEFT would otherwise drop it silently."""
+        if kwargs.get("adapter_names") is not None:
+            raise ConfigError(
+                "LoRA-MoE does not support mixed-adapter batches (adapter_names=...); activate one adapter with "
+                "model.set_adapter(name) and run each adapter's samples separately"
+            )
+        yield
 
     def get_router_aux_loss(self) -> torch.Tensor | None:
         """Summed (unweighted) load-balancing loss of the last forward; None before any forward with routers."""
@@ -207,14 +271,18 @@ class LoraMoeModel(BaseTuner):
     # ------------------------------------------------------------------ inspection
 
     def layer_layout(self, adapter_name: str = "default") -> dict[str, dict[str, int]]:
-        """``{module name: {"num_experts": n, "top_k": k, "router_out_features": n}}`` as built in the model."""
+        """``{module name: {"num_experts": n, "top_k": k, "router_out_features": n or 0}}`` as built in the model.
+
+        ``num_experts`` is read from the experts' fused weights; a one-expert module has no router (0).
+        """
         out = {}
         for key, module in self.model.named_modules():
-            if isinstance(module, LoraMoeLayer) and adapter_name in module.lora_moe_router:
+            if isinstance(module, LoraMoeLayer) and adapter_name in module.lora_moe_A:
+                router = module.lora_moe_router[adapter_name] if adapter_name in module.lora_moe_router else None
                 out[key] = {
-                    "num_experts": module.num_experts[adapter_name],
+                    "num_experts": module.lora_moe_A[adapter_name].out_features // module.r[adapter_name],
                     "top_k": module.top_k[adapter_name],
-                    "router_out_features": module.lora_moe_router[adapter_name].out_features,
+                    "router_out_features": router.out_features if router is not None else 0,
                 }
         return out
 
@@ -231,8 +299,7 @@ class LoraMoeModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
         if merge:
             raise LoraMoeMergeError(MERGE_MESSAGE)
-        self._remove_hooks()
-        self._token_mask.mask = None
+        RouterRuntime.remove(self.model)
         return super()._unload_and_optionally_merge(merge, *args, **kwargs)
 
     def _check_merge_allowed(self) -> None:

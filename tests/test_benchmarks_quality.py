@@ -1,0 +1,96 @@
+"""The quality benchmarks' argument handling and resumption (no model is run here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def qp():
+    return _load("quality_pruning")
+
+
+def test_plan_orders_auto_last_and_adds_noise_seeds(qp):
+    args = qp.parse_args(["--allocations", "uniform,layerif_auto,depth_ramp", "--sparsities", "0.5,0.6",
+                          "--algorithms", "wanda", "--noise-allocations", "uniform", "--noise-seeds", "1"])
+    cells = qp.planned_cells(args)
+    assert [(c["variant"], c["sparsity"], c["seed"]) for c in cells] == [
+        ("uniform", 0.5, 0), ("uniform", 0.5, 1), ("depth_ramp", 0.5, 0),
+        ("uniform", 0.6, 0), ("uniform", 0.6, 1), ("depth_ramp", 0.6, 0),
+        ("layerif_auto", 0.5, 0), ("layerif_auto", 0.6, 0),
+    ]
+
+
+def test_unknown_allocation_or_task_is_refused(qp, capsys):
+    with pytest.raises(SystemExit):
+        qp.parse_args(["--allocations", "uniform,lyerif"])
+    assert "lyerif" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qp.parse_args(["--tasks", "c4"])
+    assert "c4" in capsys.readouterr().err
+
+
+def test_resume_skips_done_cells_of_the_same_sizes_only(qp, tmp_path):
+    args = qp.parse_args(["--allocations", "uniform", "--sparsities", "0.5", "--algorithms", "wanda",
+                          "--noise-seeds", ""])
+    jsonl = tmp_path / "rows.jsonl"
+    done = {**qp.planned_cells(args)[0], "ppl": 40.0, "sizes": qp.sizes(args)}
+    other = {**done, "sizes": {**qp.sizes(args), "n_calib": 1}}
+    qp.append_row(jsonl, done)
+    qp.append_row(jsonl, other)
+    with jsonl.open("a") as fh:
+        fh.write('{"task": "wikitext2", "trunc')  # a run killed mid-write
+    rows = qp.read_rows(jsonl)
+    assert [r["sizes"]["n_calib"] for r in rows] == [args.n_calib, 1]
+    keys = {qp.cell_key(r) for r in rows}
+    todo = [c for c in qp.planned_cells(args) if qp.cell_key({**c, "sizes": qp.sizes(args)}) not in keys]
+    assert todo == []
+    bigger = qp.parse_args(["--allocations", "uniform", "--sparsities", "0.5", "--algorithms", "wanda",
+                            "--noise-seeds", "", "--n-calib", "7"])
+    assert qp.cell_key({**qp.planned_cells(bigger)[0], "sizes": qp.sizes(bigger)}) not in keys
+
+
+def test_report_tables_noise_and_auto(qp, tmp_path):
+    args = qp.parse_args(["--out", str(tmp_path)])
+    base = {"task": "wikitext2", "algorithm": "wanda", "sparsity": 0.6, "sizes": qp.sizes(args), "auto": {},
+            "measured": 0.6, "eval_tokens": 100}
+    rows = [
+        {**base, "variant": "dense", "algorithm": "dense", "sparsity": 0.0, "seed": 0, "ppl": 30.0},
+        {**base, "variant": "uniform", "seed": 0, "ppl": 50.0},
+        {**base, "variant": "uniform", "seed": 1, "ppl": 51.0},
+        {**base, "variant": "depth_ramp", "seed": 0, "ppl": 45.0},
+        {**base, "variant": "layerif_auto", "seed": 0, "ppl": 49.0,
+         "auto": {"epsilon": 0.1, "invert": True, "holdout_uniform_ppl": 60.0, "holdout_chosen_ppl": 58.0,
+                  "pruning_passes": 9}},
+    ]
+    text = qp.write_report(args, rows, tmp_path)
+    assert "| wanda | 0.60 | 50.00 (0.600) | **45.00 (0.600)** | 49.00 (0.600) |" in text
+    assert "median 2.0 %" in text  # (51 − 50) / 50.5
+    assert "| wanda | 0.60 | 0 | 49.00 | 50.00 | -2.0 % | 0.1 inverted | 60.00 → 58.00 | 9 |" in text
+    assert "ε > 0 chosen in 1 of 1 cells" in text
+
+
+@pytest.mark.slow  # imports torch, transformers and PEFT
+def test_moe_layout_beta():
+    moe = _load("quality_moe")
+    assert moe.layout_beta("layerif:1", 2.5) == ("layerif", 1.0)
+    assert moe.layout_beta("uniform", 2.5) == ("uniform", 2.5)
+    args = moe.parse_args(["--quick", "--model", "stories260k"])
+    assert args.model.endswith("stories260K.bin") and args.steps == 5
