@@ -168,7 +168,7 @@ def test_every_recipe_parses_to_the_right_modifier():
     from llmcompressor.recipe import Recipe
 
     files = sorted(RECIPES.glob("*.yaml"))
-    assert len(files) == 16
+    assert len(files) == 20
     for path in files:
         algo, pct = path.stem.split("_")[0], path.stem.split("_")[-1]
         alloc = path.stem[len(algo) + 1: -len(pct) - 1]
