@@ -338,7 +338,10 @@ def test_atomic_dir_sweeps_temp_dirs_of_killed_processes(tmp_path: Path) -> None
 
 #: the real `layerif convert`, with the weights' save slowed down so the signal lands mid-write
 _SLOW_SAVE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # a terminal's Ctrl-C: a job started in the background of a non-interactive shell (CI under
+    # nohup, `cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import transformers
     save = transformers.PreTrainedModel.save_pretrained
     def slow_save(self, *args, **kwargs):
@@ -369,7 +372,7 @@ def test_signal_mid_write_exits_cleanly(sig: int, code: int, word: str, tmp_path
             assert time.monotonic() < deadline, "the write never started"
             time.sleep(0.05)
         proc.send_signal(sig)
-        rc = proc.wait(timeout=60)
+        rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
