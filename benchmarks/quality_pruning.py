@@ -1,194 +1,488 @@
 """Quality of per-layer sparsity allocations for llm-compressor's Wanda and SparseGPT.
 
-For algorithm ∈ {wanda, sparsegpt} × allocation ∈ {uniform, OWL, AlphaPruning, LayerIF}
-× global sparsity ∈ {0.5, 0.6, 0.7}: prune the model with the real ``oneshot``
-(:func:`layerif_plugins.integrations.llmcompressor.prune_model`), reload the saved directory
-and measure perplexity on TinyStories validation and on Shakespeare
-(:func:`layerif_plugins.evaluation.perplexity.perplexity`, lm-eval's rolling-window scheme). LayerIF
-scores come from TinyStories train → validation. Each allocation uses its reference
-spread (LayerIF ε = 0.1, OWL λ = 0.08, AlphaPruning ε = 0.2) unless ``--epsilon`` is given.
+For each task × algorithm ∈ {wanda, sparsegpt} × allocation × global sparsity: prune the
+model with the real ``oneshot`` (:func:`layerif_plugins.integrations.llmcompressor.prune_model`),
+reload the saved directory and measure token perplexity on the task's fixed evaluation
+subset (:func:`layerif_plugins.evaluation.perplexity.perplexity`, lm-eval's rolling-window
+scheme). Allocations (``--allocations``):
 
-It also times LayerIF-Wanda against uniform Wanda (``oneshot`` wall time, median of
-``--repeats`` alternating runs; the LayerIF scores are precomputed, as in a recipe).
+* ``uniform``; ``owl`` (λ 0.08, from the calibration data); ``alpha_hill`` (AlphaPruning, ε 0.2);
+* ``layerif_attn`` / ``layerif_all``: LayerIF scores of the task's own score-train →
+  score-validation split (``attn`` / ``all`` parameter group), ε 0.1 (docs/method.md §2b);
+* ``depth_ramp``: score = layer index, ε 0.1 — the control of METHOD.md §5;
+* ``layerif_auto``: the ``layerif_attn`` scores with ``epsilon="auto"`` (ε and mapping
+  direction chosen on a held-out slice of the calibration data; k oneshots per cell).
 
-Usage: ``python benchmarks/quality_pruning.py`` (full), ``--quick`` (smoke run).
-Writes the tables to ``bench_out/quality_pruning.md`` (and the raw rows as JSON).
+Tasks (``--tasks``), every split disjoint and fixed (seed 1234):
+
+* ``wikitext2``: ``wikitext-2/valid.txt`` paragraphs → score-train / score-validation /
+  calibration pool; evaluation on the first ``--eval-docs`` paragraphs (no headings) of
+  ``wikitext-2/test.txt``;
+* ``tinystories``: TinyStories train → score-train and calibration pool; TinyStories valid →
+  score-validation and (disjoint) evaluation stories.
+
+The calibration set of seed ``s`` is ``--n-calib`` examples drawn from the pool with seed
+``s``; the cells of ``--noise-allocations`` are also run with the seeds of ``--noise-seeds``,
+which measures how much perplexity moves with the calibration sample alone (the noise a
+difference between allocations must beat).
+
+Resumable: every finished cell is appended to ``<out>/quality_pruning_<model>.jsonl`` and a
+rerun with the same sizes skips the cells already there (scores files are cached beside it),
+so a long run can be stopped and continued. Usage::
+
+    python benchmarks/quality_pruning.py --model smollm2-135m            # full
+    python benchmarks/quality_pruning.py --model smollm2-135m --quick    # smoke run
+    python benchmarks/quality_pruning.py --model smollm2-135m --report   # tables from the JSONL only
+
+Writes ``<out>/quality_pruning_<model>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
+import random
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-
-import torch  # noqa: E402
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from layerif_plugins.allocate.sparsity import default_epsilon  # noqa: E402
-from layerif_plugins.data import load_examples, pad_id_of  # noqa: E402
-from layerif_plugins.engine import InfluenceConfig  # noqa: E402
-from layerif_plugins.evaluation.perplexity import perplexity  # noqa: E402
-from layerif_plugins.io import atomic_write_json, atomic_write_text  # noqa: E402
-from layerif_plugins.models import load_model_and_tokenizer, save_model_dir  # noqa: E402
-from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
-from layerif_plugins.report import markdown_table  # noqa: E402
-from layerif_plugins.scorers import ScoringData, score_layers  # noqa: E402
+#: variant → (label, allocation passed to prune_model, scores key or None, spread)
+VARIANTS: dict[str, tuple[str, str, str | None, float | str | None]] = {
+    "uniform": ("uniform", "uniform", None, None),
+    "owl": ("OWL", "owl", None, None),
+    "alpha_hill": ("AlphaPruning", "alpha_hill", "alpha_hill", None),
+    "layerif_attn": ("LayerIF attn", "layerif", "layerif_attn", 0.1),
+    "layerif_all": ("LayerIF all", "layerif", "layerif_all", 0.1),
+    "depth_ramp": ("depth ramp", "depth_ramp", "depth_ramp", 0.1),
+    "layerif_auto": ("LayerIF ε auto", "layerif", "layerif_attn", "auto"),
+}
+TASKS = ("wikitext2", "tinystories")
+EVAL_NAMES = {"wikitext2": "WikiText-2 test", "tinystories": "TinyStories valid"}
+SPLIT_SEED = 1234
+#: row fields that must match for a JSONL row to count as done (the run's sizes)
+SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens")
 
-ALLOCATIONS = {name: (label, default_epsilon(name)) for name, label in
-               (("uniform", "uniform"), ("owl", "OWL"), ("alpha_hill", "AlphaPruning"), ("layerif", "LayerIF"))}
 
-
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(stories260k_checkpoint()), help="llama2.c .bin or HF dir")
+    p.add_argument("--model", default="smollm2-135m", help="catalogue name, HF dir or llama2.c .bin")
+    p.add_argument("--tasks", default="wikitext2", help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--algorithms", default="wanda,sparsegpt")
-    p.add_argument("--allocations", default="uniform,owl,alpha_hill,layerif")
+    p.add_argument("--allocations", default=",".join(VARIANTS))
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
-    p.add_argument("--epsilon", type=float, default=None, help="one spread for every allocation")
-    p.add_argument("--n-calib", type=int, default=128)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--n-train", type=int, default=128, help="LayerIF train examples (TinyStories train)")
-    p.add_argument("--n-val", type=int, default=64, help="LayerIF validation examples (TinyStories valid)")
-    p.add_argument("--params", default="attn", choices=["attn", "mlp", "all"], help="LayerIF parameter group")
-    p.add_argument("--eval-docs", type=int, default=200, help="documents per perplexity set")
-    p.add_argument("--repeats", type=int, default=5, help="timing: runs per variant (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on shared CPUs)")
-    p.add_argument("--quick", action="store_true", help="small everything: a smoke run")
+    p.add_argument("--seeds", default="0", help="calibration seeds of every cell")
+    p.add_argument("--noise-seeds", default="1", help="extra calibration seeds for --noise-allocations")
+    p.add_argument("--noise-allocations", default="uniform,layerif_attn")
+    p.add_argument("--noise-sparsities", default="", help="sparsities that get the noise seeds (default: all)")
+    p.add_argument("--auto-grid", default="0,0.05,0.1,0.2,0.3", help="ε candidates of layerif_auto")
+    p.add_argument("--n-holdout", type=int, default=32, help="held-out calibration examples of layerif_auto")
+    p.add_argument("--n-calib", type=int, default=64, help="calibration examples")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per calibration example")
+    p.add_argument("--n-train", type=int, default=32, help="LayerIF score-train examples")
+    p.add_argument("--n-val", type=int, default=16, help="LayerIF score-validation examples")
+    p.add_argument("--score-length", type=int, default=128, help="tokens per LayerIF example")
+    p.add_argument("--eval-docs", type=int, default=12, help="evaluation documents (fixed subset)")
+    p.add_argument("--min-tokens", type=int, default=48, help="shortest paragraph/story used, in tokens")
+    p.add_argument("--eval-batch", type=int, default=2, help="perplexity batch size")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="small everything: a smoke run (< 10 min)")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables from the JSONL")
     p.add_argument("--out", default=str(REPO / "bench_out"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
-        args.sparsities, args.n_calib, args.max_length = "0.5,0.7", 16, 64
-        args.n_train, args.n_val, args.eval_docs, args.repeats = 32, 16, 20, 1
+        args.algorithms, args.sparsities = "wanda", "0.5,0.7"
+        args.n_calib, args.max_length, args.n_train, args.n_val, args.eval_docs = 16, 64, 16, 8, 8
+        args.allocations = "uniform,layerif_attn,depth_ramp"
+        args.noise_allocations = "uniform"
+    unknown = [a for a in split(args.allocations) if a not in VARIANTS]
+    if unknown:
+        p.error(f"unknown allocation(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    bad_tasks = [t for t in split(args.tasks) if t not in TASKS]
+    if bad_tasks:
+        p.error(f"unknown task(s) {bad_tasks}; choose from {', '.join(TASKS)}")
     return args
 
 
-def evaluate_dir(path: Path, eval_sets: dict[str, Path], docs: int) -> dict[str, float]:
+def split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def model_tag(model: str) -> str:
+    return Path(model).stem if ("/" in model or model.endswith(".bin")) else model
+
+
+def sizes(args: argparse.Namespace) -> dict[str, int]:
+    return {k: getattr(args, k) for k in SIZE_KEYS}
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    return (row["task"], row["algorithm"], row["variant"], row["sparsity"], row["seed"],
+            tuple(row["sizes"][k] for k in SIZE_KEYS))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of the JSONL (a half-written last line from a killed run is ignored)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """One JSON line, flushed and fsynced: a finished cell survives a killed run."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def planned_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (task, algorithm, sparsity, variant, seed) of this run, in priority order."""
+    allocs = split(args.allocations)
+    seeds = [int(s) for s in split(args.seeds)]
+    noise = [int(s) for s in split(args.noise_seeds)]
+    noise_sp = [float(s) for s in split(args.noise_sparsities)] or None
+    cells = []
+    for task in split(args.tasks):
+        for algo in split(args.algorithms):
+            # auto cells last within a task/algorithm: they cost k oneshots each
+            for with_auto in (False, True):
+                for sp in [float(s) for s in split(args.sparsities)]:
+                    for variant in allocs:
+                        if (variant == "layerif_auto") != with_auto:
+                            continue
+                        extra = noise if variant in split(args.noise_allocations) and (
+                            noise_sp is None or sp in noise_sp) else []
+                        for seed in seeds + [s for s in extra if s not in seeds]:
+                            cells.append({"task": task, "algorithm": algo, "variant": variant,
+                                          "sparsity": sp, "seed": seed})
+    return cells
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def task_splits(task: str, tok: Any, args: argparse.Namespace) -> dict[str, list[str]]:
+    """Disjoint text splits of a task: score-train, score-val, calibration pool, evaluation documents."""
+    from layerif_plugins.data import read_records
+    from layerif_plugins.paths import shared_data
+
+    def long_enough(texts: Iterable[str]) -> list[str]:
+        return [t for t in texts if not t.startswith("=")
+                and len(tok(t, add_special_tokens=False)["input_ids"]) >= args.min_tokens]
+
+    def shuffled(texts: list[str]) -> list[str]:
+        out = list(texts)
+        random.Random(SPLIT_SEED).shuffle(out)
+        return out
+
+    if task == "wikitext2":
+        pool = shuffled(long_enough(read_records(shared_data("wikitext-2", "valid.txt"))))
+        train, val, calib = pool[:args.n_train], pool[args.n_train:args.n_train + args.n_val], \
+            pool[args.n_train + args.n_val:]
+        evals = long_enough(read_records(shared_data("wikitext-2", "test.txt")))[:args.eval_docs]
+    else:
+        train_all = [str(r) for r in read_records(shared_data("tinystories", "train.txt"))]
+        pool = shuffled(long_enough(train_all[:4000]))
+        train, calib = pool[:args.n_train], pool[args.n_train:]
+        valid = shuffled(long_enough(str(r) for r in read_records(shared_data("tinystories", "valid.txt"))))
+        val, evals = valid[:args.n_val], valid[args.n_val:args.n_val + args.eval_docs]
+    if len(calib) < args.n_calib or len(evals) < args.eval_docs:
+        raise SystemExit(f"{task}: too few examples for --n-calib {args.n_calib} / --eval-docs {args.eval_docs}")
+    return {"train": train, "val": val, "calib": calib, "eval": evals}
+
+
+def calibration_file(work: Path, task: str, pool: list[str], n: int, seed: int, n_holdout: int) -> Path:
+    """``n`` calibration examples drawn from the pool with ``seed``, then ``n_holdout`` more, as JSONL.
+
+    prune_model calibrates on the first ``n``; ``epsilon="auto"`` holds out the ``n_holdout``
+    after them. ``random.sample`` draws sequentially, so the first ``n`` do not depend on
+    ``n_holdout`` (for pools of more than 277 examples and ``n + n_holdout`` ≤ 85 it also
+    takes the same branch): every cell of a seed calibrates on the same ``n`` examples.
+    """
+    path = work / f"calib_{task}_{n}_{seed}_{n_holdout}.jsonl"
+    if not path.is_file():
+        chosen = random.Random(seed).sample(pool, min(len(pool), n + n_holdout))
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in chosen), encoding="utf-8")
+    return path
+
+
+def examples_of(texts: list[str], tok: Any, max_length: int, source: str):
+    from layerif_plugins.data import Examples
+
+    ids = [tuple(tok(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
+           for t in texts]
+    return Examples(tuple(ids), source)
+
+
+# ---------------------------------------------------------------------------------------- scores
+
+
+def task_scores(model: Any, tok: Any, task: str, splits: dict[str, list[str]], needed: set[str],
+                args: argparse.Namespace, cache: Path) -> dict[str, Path]:
+    """Scores files this task's variants need, computed once and cached beside the JSONL."""
+    from layerif_plugins.data import pad_id_of
+    from layerif_plugins.engine import InfluenceConfig
+    from layerif_plugins.integrations.llmcompressor.modifiers import ALLOCATIONS
+    from layerif_plugins.scorers import ScoringData, score_layers
+
+    scoring = {k: getattr(args, k) for k in ("n_train", "n_val", "score_length", "min_tokens")}
+    digest = hashlib.sha256(json.dumps([args.model, scoring, task]).encode()).hexdigest()[:10]
+    out: dict[str, Path] = {}
+    for key in sorted(needed):
+        path = cache / f"scores_{model_tag(args.model)}_{task}_{key}_{digest}.json"
+        out[key] = path
+        if path.is_file():
+            continue
+        t0 = time.perf_counter()
+        if key.startswith("layerif_"):
+            data = ScoringData(train=examples_of(splits["train"], tok, args.score_length, f"{task}:score-train"),
+                               val=examples_of(splits["val"], tok, args.score_length, f"{task}:score-val"),
+                               pad_id=pad_id_of(tok))
+            scores = score_layers(model, "layerif", data, config=InfluenceConfig(
+                params=key.split("_", 1)[1], batch_size=8, show_progress=False))
+        elif key == "depth_ramp":
+            scores = score_layers(model, "depth_ramp")
+            if "depth_ramp" not in ALLOCATIONS:  # temporary: before the allocation exists, a ramp in LayerIF's name
+                scores.method = "layerif"
+        else:
+            scores = score_layers(model, key)
+        scores.save(path)
+        print(f"[scores] {task} {key}: {time.perf_counter() - t0:.0f} s, "
+              f"{[round(s, 4) for s in scores.scores]}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- cells
+
+
+def evaluate(path: Path | str, docs: list[str], batch: int) -> dict[str, float]:
+    from layerif_plugins.evaluation.perplexity import perplexity
+    from layerif_plugins.models import load_model_and_tokenizer
+
     model, tok = load_model_and_tokenizer(path)
-    return {name: perplexity(model, tok, file, max_docs=docs).perplexity for name, file in eval_sets.items()}
+    t0 = time.perf_counter()
+    res = perplexity(model, tok, docs, batch_size=batch)
+    return {"ppl": res.perplexity, "eval_tokens": res.tokens, "eval_s": time.perf_counter() - t0}
 
 
-def main() -> int:
-    args = parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+def auto_details(report: dict[str, Any]) -> dict[str, Any]:
+    """What the ε search wrote into the report: its choice, held-out perplexities and the sweep."""
+    found = report.get("epsilon_search")
+    if not found:
+        return {}
+    return {"epsilon": found["chosen"]["epsilon"], "invert": found["chosen"]["invert"],
+            "holdout_uniform_ppl": found["uniform_perplexity"], "holdout_chosen_ppl": found["chosen_perplexity"],
+            "pruning_passes": found.get("pruning_passes"), "search_s": found.get("seconds"),
+            "sweep": [{k: c.get(k) for k in ("epsilon", "invert", "perplexity", "same_as", "error")}
+                      for c in found.get("sweep", [])]}
+
+
+def run_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[str, Path], docs: list[str],
+             args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from layerif_plugins.integrations.llmcompressor import prune_model
+    from layerif_plugins.integrations.llmcompressor.modifiers import ALLOCATIONS
 
+    label, allocation, score_key, eps = VARIANTS[cell["variant"]]
+    if allocation == "depth_ramp" and "depth_ramp" not in ALLOCATIONS:
+        allocation = "layerif"
+    pruned = work / "pruned"
+    t0 = time.perf_counter()
+    extra = ({"epsilon_grid": [float(x) for x in split(args.auto_grid)], "n_holdout": args.n_holdout}
+             if eps == "auto" else {})
+    report = prune_model(model_dir, pruned, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
+                         allocation=allocation, epsilon=eps, scores=scores[score_key] if score_key else None,
+                         calib=calib, n_calib=args.n_calib, max_length=args.max_length, overwrite=True,
+                         show_progress=False, **extra)
+    prune_s = time.perf_counter() - t0
+    result = evaluate(pruned, docs, args.eval_batch)
+    shutil.rmtree(pruned, ignore_errors=True)
+    return {**cell, "label": label, "allocation": allocation, "epsilon": report.get("epsilon", eps),
+            "invert": report.get("invert", False),
+            "measured": report["weighted_mean_measured"], "layer_sparsity": [r["target"] for r in report["layers"]],
+            "layer_measured": [r["measured"] for r in report["layers"]], "oneshot_s": report["oneshot_seconds"],
+            "prune_s": prune_s, **result, "auto": auto_details(report), "sizes": sizes(args)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_txt, valid_txt = shared_data("tinystories", "train.txt"), shared_data("tinystories", "valid.txt")
-    eval_sets = {"TinyStories valid": valid_txt, "Shakespeare": shared_data("tinyshakespeare", "input.txt")}
-    algorithms = args.algorithms.split(",")
-    allocations = args.allocations.split(",")
-    sparsities = [float(s) for s in args.sparsities.split(",")]
+    jsonl = out / f"quality_pruning_{model_tag(args.model)}.jsonl"
+    if args.report:
+        write_report(args, read_rows(jsonl), out)
+        return 0
+    import torch
+
+    from layerif_plugins.models import load_model_and_tokenizer, model_dir_for
+
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    done = {cell_key(r) for r in read_rows(jsonl)}
+    cells = planned_cells(args)
+    todo = [c for c in cells if cell_key({**c, "sizes": sizes(args)}) not in done]
+    print(f"[plan] {len(cells)} cells, {len(cells) - len(todo)} already in {jsonl}, {len(todo)} to run", flush=True)
     with tempfile.TemporaryDirectory(prefix="quality-pruning-") as work_s:
         work = Path(work_s)
-        model, tok = load_model_and_tokenizer(args.model)
-        model_dir = save_model_dir(model, tok, work / "dense")
-        t0 = time.perf_counter()
-        data = ScoringData(train=load_examples(train_txt, tok, args.max_length, n=args.n_train),
-                           val=load_examples(valid_txt, tok, args.max_length, n=args.n_val), pad_id=pad_id_of(tok))
-        scores = score_layers(model, "layerif", data, config=InfluenceConfig(params=args.params, show_progress=False))
-        scoring_s = time.perf_counter() - t0
-        scores_path = scores.save(out / "quality_pruning_layerif_scores.json")
-        print(f"LayerIF scores ({args.params}, {args.n_train}/{args.n_val} ex, {scoring_s:.1f} s): "
-              f"{[round(s, 4) for s in scores.scores]}", flush=True)
-        dense = evaluate_dir(model_dir, eval_sets, args.eval_docs)
-        rows = []
-        for algo in algorithms:
-            for sp in sparsities:
-                for alloc in allocations:
-                    eps = args.epsilon if args.epsilon is not None else ALLOCATIONS[alloc][1]
-                    pruned = work / f"{algo}_{alloc}_{sp}"
-                    report = prune_model(
-                        model_dir, pruned, algorithm=algo, sparsity=sp, allocation=alloc, epsilon=eps,
-                        scores=scores_path if alloc == "layerif" else None, calib=train_txt,
-                        n_calib=args.n_calib, max_length=args.max_length, overwrite=True, show_progress=False,
-                    )
-                    ppl = evaluate_dir(pruned, eval_sets, args.eval_docs)
-                    rows.append({"algorithm": algo, "allocation": alloc, "epsilon": eps, "sparsity": sp,
-                                 "measured": report["weighted_mean_measured"],
-                                 "layer_sparsity": [r["target"] for r in report["layers"]],
-                                 "oneshot_s": report["oneshot_seconds"], **ppl})
-                    print(f"{algo:9s} {alloc:10s} s={sp:.2f} measured={rows[-1]['measured']:.4f} "
-                          f"ppl TS={ppl['TinyStories valid']:.3f} Shakespeare={ppl['Shakespeare']:.2f}", flush=True)
-        # timing: LayerIF-Wanda vs uniform Wanda, alternating so drift hits both
-        times: dict[str, list[float]] = {"uniform": [], "layerif": []}
-        for _ in range(args.repeats):
-            for alloc in ("uniform", "layerif"):
-                report = prune_model(
-                    model_dir, work / "timing", algorithm="wanda", sparsity=0.7, allocation=alloc,
-                    scores=scores_path if alloc == "layerif" else None, calib=train_txt, n_calib=args.n_calib,
-                    max_length=args.max_length, overwrite=True, show_progress=False,
-                )
-                times[alloc].append(report["oneshot_seconds"])
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["layerif"] / med["uniform"]
-
-    header = ["algorithm", "sparsity", *[ALLOCATIONS[a][0] for a in allocations]]
-    pivots = []
-    for metric in eval_sets:
-        prow = []
-        for algo in algorithms:
-            for sp in sparsities:
-                cells = {r["allocation"]: r[metric] for r in rows if r["algorithm"] == algo and r["sparsity"] == sp}
-                best = min(cells.values())
-                prow.append([algo, f"{sp:.1f}", *[(f"**{cells[a]:.3f}**" if cells[a] == best else f"{cells[a]:.3f}")
-                                                  for a in allocations]])
-        pivots.append(f"### {metric} perplexity (dense: {dense[metric]:.3f}; lower is better, best in bold)\n\n"
-                      + markdown_table(header, prow) + "\n")
-    long = markdown_table(
-        ["algorithm", "allocation", "ε / λ", "target", "measured", "per-layer sparsity", *eval_sets],
-        [[r["algorithm"], ALLOCATIONS[r["allocation"]][0], r["epsilon"] if r["allocation"] != "uniform" else "-",
-          f"{r['sparsity']:.2f}", f"{r['measured']:.4f}", " ".join(f"{x:.3f}" for x in r["layer_sparsity"]),
-          f"{r['TinyStories valid']:.3f}", f"{r['Shakespeare']:.3f}"] for r in rows])
-    timing = markdown_table(
-        ["variant", "runs", "median oneshot s", "all runs s"],
-        [["uniform Wanda 0.7", len(times["uniform"]), f"{med['uniform']:.3f}",
-          " ".join(f"{t:.2f}" for t in times["uniform"])],
-         ["LayerIF-Wanda 0.7", len(times["layerif"]), f"{med['layerif']:.3f}",
-          " ".join(f"{t:.2f}" for t in times["layerif"])]])
-    text = "\n".join([
-        "# Per-layer sparsity allocations for Wanda / SparseGPT (llm-compressor oneshot)",
-        "",
-        f"Model `{args.model}`; calibration: first {args.n_calib} TinyStories train examples, "
-        f"{args.max_length} tokens; perplexity on the first {args.eval_docs} documents of each set "
-        "(token-level, rolling windows). LayerIF scores: "
-        f"{args.n_train} TinyStories train → {args.n_val} valid examples, params `{args.params}` "
-        f"({scoring_s:.1f} s, not part of the oneshot time). OWL outlier ratios come from the calibration "
-        "data (M = 5); AlphaPruning from the weights.",
-        "",
-        *pivots,
-        "",
-        "### All runs",
-        "",
-        long,
-        "",
-        f"### Timing: LayerIF-Wanda / uniform Wanda = {ratio:.3f}× (target ≤ 1.2×)",
-        "",
-        timing,
-        "",
-        f"torch threads: {args.threads}; total benchmark time {time.perf_counter() - t_start:.0f} s.",
-        f"Command: `python benchmarks/quality_pruning.py {' '.join(sys.argv[1:])}`",
-        "",
-    ])
-    atomic_write_text(out / "quality_pruning.md", text)
-    atomic_write_json(out / "quality_pruning.json", {"rows": rows, "dense": dense, "timing": times, "ratio": ratio})
-    print(text)
+        model_dir = model_dir_for(args.model, work)
+        model, tok = load_model_and_tokenizer(model_dir)
+        for task in split(args.tasks):
+            task_cells = [c for c in todo if c["task"] == task]
+            dense_key = cell_key({"task": task, "algorithm": "dense", "variant": "dense", "sparsity": 0.0,
+                                  "seed": 0, "sizes": sizes(args)})
+            if not task_cells and dense_key in done:
+                continue
+            splits = task_splits(task, tok, args)
+            if dense_key not in done:
+                row = {"task": task, "algorithm": "dense", "variant": "dense", "sparsity": 0.0, "seed": 0,
+                       **evaluate(model_dir, splits["eval"], args.eval_batch), "sizes": sizes(args)}
+                append_row(jsonl, row)
+                print(f"[dense] {task}: ppl {row['ppl']:.3f} on {row['eval_tokens']} tokens ({row['eval_s']:.0f} s)",
+                      flush=True)
+            needed = {VARIANTS[c["variant"]][2] for c in task_cells} - {None}
+            scores = task_scores(model, tok, task, splits, needed, args, out)
+            for cell in task_cells:
+                calib = calibration_file(work, task, splits["calib"], args.n_calib, cell["seed"], args.n_holdout)
+                row = run_cell(cell, model_dir, calib, scores, splits["eval"], args, work)
+                append_row(jsonl, row)
+                print(f"[cell] {task} {cell['algorithm']:9s} {cell['variant']:13s} s={cell['sparsity']:.2f} "
+                      f"seed={cell['seed']} measured={row['measured']:.4f} ppl={row['ppl']:.3f} "
+                      f"(prune {row['prune_s']:.0f} s, eval {row['eval_s']:.0f} s)"
+                      + (f" auto={json.dumps(row['auto'])[:300]}" if row["auto"] else ""), flush=True)
+    print(f"[done] {time.perf_counter() - t_start:.0f} s", flush=True)
+    write_report(args, read_rows(jsonl), out)
     return 0
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def write_report(args: argparse.Namespace, all_rows: list[dict[str, Any]], out: Path) -> str:
+    """Markdown tables from the JSONL rows of this run's sizes (perplexity with measured sparsity)."""
+    from layerif_plugins.io import atomic_write_text
+    from layerif_plugins.report import markdown_table
+
+    rows = [r for r in all_rows if r.get("sizes") == sizes(args)]
+    parts = [f"# Per-layer sparsity allocations, `{args.model}` (llm-compressor oneshot)", "",
+             f"Sizes: {json.dumps(sizes(args))}; calibration seeds {args.seeds} (+ {args.noise_seeds} for "
+             f"{args.noise_allocations}). Cells: perplexity (measured weighted sparsity). Best of a row in bold.", ""]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    for task in TASKS:
+        trows = [r for r in rows if r["task"] == task]
+        if not trows:
+            continue
+        dense = [r for r in trows if r["variant"] == "dense"]
+        parts.append(f"## {task}: {EVAL_NAMES[task]} perplexity"
+                     + (f" (dense {dense[0]['ppl']:.3f}, {dense[0]['eval_tokens']} tokens)" if dense else ""))
+        parts.append("")
+        table = []
+        for algo in ("wanda", "sparsegpt"):
+            for sp in sorted({r["sparsity"] for r in trows if r["algorithm"] == algo}):
+                cells = {r["variant"]: r for r in trows
+                         if r["algorithm"] == algo and r["sparsity"] == sp and r["seed"] == 0}
+                if not cells:
+                    continue
+                best = min(c["ppl"] for c in cells.values())
+                line = [algo, f"{sp:.2f}"]
+                for v in variants:
+                    c = cells.get(v)
+                    if c is None:
+                        line.append("–")
+                        continue
+                    txt = f"{c['ppl']:.2f} ({c['measured']:.3f})"
+                    line.append(f"**{txt}**" if c["ppl"] == best else txt)
+                table.append(line)
+        parts += [markdown_table(["algorithm", "target", *[VARIANTS[v][0] for v in variants]], table), ""]
+        parts += noise_section(trows) + auto_section(trows)
+    text = "\n".join(parts)
+    atomic_write_text(out / f"quality_pruning_{model_tag(args.model)}.md", text)
+    print(text)
+    return text
+
+
+def noise_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Calibration-seed noise: relative perplexity change between seeds of the same cell."""
+    groups: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        if r["variant"] != "dense":
+            groups.setdefault((r["algorithm"], r["variant"], r["sparsity"]), {})[r["seed"]] = r["ppl"]
+    table, rel = [], []
+    for (algo, variant, sp), by_seed in sorted(groups.items()):
+        if len(by_seed) < 2:
+            continue
+        vals = [by_seed[s] for s in sorted(by_seed)]
+        spread = (max(vals) - min(vals)) / statistics.mean(vals)
+        rel.append(spread)
+        table.append([algo, VARIANTS[variant][0], f"{sp:.2f}", " / ".join(f"{v:.2f}" for v in vals),
+                      f"{100 * spread:.1f} %"])
+    if not table:
+        return []
+    from layerif_plugins.report import markdown_table
+
+    paired = []
+    for (algo, variant, sp), by_seed in sorted(groups.items()):
+        uni = groups.get((algo, "uniform", sp), {})
+        common = sorted(set(by_seed) & set(uni))
+        if variant != "uniform" and len(common) >= 2:
+            paired.append([algo, VARIANTS[variant][0], f"{sp:.2f}",
+                           " / ".join(f"{100 * (by_seed[s] / uni[s] - 1):+.1f} %" for s in common)])
+    out = ["Calibration-seed noise (same cell, different calibration sample): "
+           f"median {100 * statistics.median(rel):.1f} %, max {100 * max(rel):.1f} % of the perplexity.", "",
+           markdown_table(["algorithm", "allocation", "target", "ppl by seed", "(max − min) / mean"], table), ""]
+    if paired:
+        out += ["Paired with uniform (same calibration sample), per seed:", "",
+                markdown_table(["algorithm", "allocation", "target", "ppl vs uniform, seed by seed"], paired), ""]
+    return out
+
+
+def auto_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The ε-auto cells against uniform (same algorithm, sparsity and seed) and what the search chose."""
+    from layerif_plugins.report import markdown_table
+
+    table = []
+    for r in rows:
+        if r["variant"] != "layerif_auto":
+            continue
+        uni = next((u for u in rows if u["variant"] == "uniform" and u["algorithm"] == r["algorithm"]
+                    and u["sparsity"] == r["sparsity"] and u["seed"] == r["seed"]), None)
+        a = r["auto"]
+        table.append([r["algorithm"], f"{r['sparsity']:.2f}", r["seed"], f"{r['ppl']:.2f}",
+                      f"{uni['ppl']:.2f}" if uni else "–",
+                      f"{100 * (r['ppl'] / uni['ppl'] - 1):+.1f} %" if uni else "–",
+                      f"{a.get('epsilon')}{' inverted' if a.get('invert') else ''}",
+                      f"{a['holdout_uniform_ppl']:.2f} → {a['holdout_chosen_ppl']:.2f}" if a else "–",
+                      a.get("pruning_passes", "–")])
+    if not table:
+        return []
+    picked = sum(1 for r in rows if r["variant"] == "layerif_auto" and r["auto"].get("epsilon", 0) > 0)
+    return [f"ε auto (LayerIF attn scores; ε and direction picked on held-out calibration data): ε > 0 chosen "
+            f"in {picked} of {len(table)} cells.", "",
+            markdown_table(["algorithm", "target", "seed", "WikiText ppl", "uniform ppl", "vs uniform", "chosen ε",
+                            "held-out ppl uniform → chosen", "pruning passes"], table), ""]
 
 
 if __name__ == "__main__":
