@@ -11,7 +11,8 @@ scheme). Allocations (``--allocations``):
   score-validation split (``attn`` / ``all`` parameter group), ε 0.1 (docs/method.md §2b);
 * ``depth_ramp``: score = layer index, ε 0.1 — the control of METHOD.md §5;
 * ``layerif_auto``: the ``layerif_attn`` scores with ``epsilon="auto"`` (ε and mapping
-  direction chosen on a held-out slice of the calibration data; k oneshots per cell).
+  direction chosen on a held-out slice of the calibration data; k oneshots per cell);
+  ``owl_auto``: OWL with λ searched the same way.
 
 Tasks (``--tasks``), every split disjoint and fixed (seed 1234):
 
@@ -73,12 +74,15 @@ VARIANTS: dict[str, tuple[str, str, str | None, float | str | None]] = {
     "layerif_all": ("LayerIF all", "layerif", "layerif_all", 0.1),
     "depth_ramp": ("depth ramp", "depth_ramp", "depth_ramp", 0.1),
     "layerif_auto": ("LayerIF ε auto", "layerif", "layerif_attn", "auto"),
+    "owl_auto": ("OWL λ auto", "owl", None, "auto"),
 }
 TASKS = ("wikitext2", "tinystories")
 EVAL_NAMES = {"wikitext2": "WikiText-2 test", "tinystories": "TinyStories valid"}
 SPLIT_SEED = 1234
 #: row fields that must match for a JSONL row to count as done (the run's sizes)
-SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens")
+SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens", "batch_size")
+#: value of a size key in rows written before the key existed
+SIZE_DEFAULTS = {"batch_size": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,20 +90,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m", help="catalogue name, HF dir or llama2.c .bin")
     p.add_argument("--tasks", default="wikitext2", help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--algorithms", default="wanda,sparsegpt")
-    p.add_argument("--allocations", default=",".join(VARIANTS))
+    p.add_argument("--allocations", default=",".join(v for v in VARIANTS if not is_auto(v)),
+                   help=f"comma list of {', '.join(VARIANTS)} (default: all but the searched *_auto ones, which "
+                        "cost one oneshot per candidate: ask for them)")
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--seeds", default="0", help="calibration seeds of every cell")
     p.add_argument("--noise-seeds", default="1", help="extra calibration seeds for --noise-allocations")
     p.add_argument("--noise-allocations", default="uniform,layerif_attn")
-    p.add_argument("--noise-sparsities", default="", help="sparsities that get the noise seeds (default: all)")
-    p.add_argument("--auto-grid", default="0,0.05,0.1,0.2,0.3", help="ε candidates of layerif_auto")
-    p.add_argument("--n-holdout", type=int, default=32, help="held-out calibration examples of layerif_auto")
-    p.add_argument("--n-calib", type=int, default=64, help="calibration examples")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per calibration example")
+    p.add_argument("--noise-sparsities", default="0.6", help="sparsities that get the noise seeds (empty: all)")
+    p.add_argument("--auto-grid", default="0,0.05,0.1,0.2,0.3", help="spread candidates of the *_auto variants")
+    p.add_argument("--n-holdout", type=int, default=32, help="held-out calibration examples of the *_auto variants")
+    p.add_argument("--n-calib", type=int, default=128, help="calibration examples")
+    p.add_argument("--max-length", type=int, default=16, help="tokens per calibration example")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="calibration batch size of oneshot (every example is cut to --max-length, so no padding)")
     p.add_argument("--n-train", type=int, default=32, help="LayerIF score-train examples")
     p.add_argument("--n-val", type=int, default=16, help="LayerIF score-validation examples")
     p.add_argument("--score-length", type=int, default=128, help="tokens per LayerIF example")
-    p.add_argument("--eval-docs", type=int, default=12, help="evaluation documents (fixed subset)")
+    p.add_argument("--eval-docs", type=int, default=8, help="evaluation documents (fixed subset)")
     p.add_argument("--min-tokens", type=int, default=48, help="shortest paragraph/story used, in tokens")
     p.add_argument("--eval-batch", type=int, default=2, help="perplexity batch size")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -109,16 +117,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.algorithms, args.sparsities = "wanda", "0.5,0.7"
-        args.n_calib, args.max_length, args.n_train, args.n_val, args.eval_docs = 16, 64, 16, 8, 8
+        args.n_calib, args.n_train, args.n_val, args.eval_docs = 32, 16, 8, 8
         args.allocations = "uniform,layerif_attn,depth_ramp"
-        args.noise_allocations = "uniform"
+        args.noise_allocations, args.noise_sparsities = "uniform", "0.7"
     unknown = [a for a in split(args.allocations) if a not in VARIANTS]
     if unknown:
         p.error(f"unknown allocation(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.min_tokens < args.max_length:
+        p.error(f"--min-tokens {args.min_tokens} < --max-length {args.max_length}: every calibration example must "
+                "fill --max-length, or batches would be truncated to their shortest example")
     bad_tasks = [t for t in split(args.tasks) if t not in TASKS]
     if bad_tasks:
         p.error(f"unknown task(s) {bad_tasks}; choose from {', '.join(TASKS)}")
     return args
+
+
+def is_auto(variant: str) -> bool:
+    """Searched variants cost one oneshot per candidate: they run after the rest of their task."""
+    return variant in VARIANTS and VARIANTS[variant][3] == "auto"
 
 
 def split(s: str) -> list[str]:
@@ -133,9 +149,14 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
     return {k: getattr(args, k) for k in SIZE_KEYS}
 
 
+def row_sizes(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's sizes, with the value a key had before it was recorded (old rows stay comparable)."""
+    return {k: row.get("sizes", {}).get(k, SIZE_DEFAULTS.get(k)) for k in SIZE_KEYS}
+
+
 def cell_key(row: dict[str, Any]) -> tuple:
     return (row["task"], row["algorithm"], row["variant"], row["sparsity"], row["seed"],
-            tuple(row["sizes"][k] for k in SIZE_KEYS))
+            tuple(row_sizes(row).values()))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -172,7 +193,7 @@ def planned_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
             for with_auto in (False, True):
                 for sp in [float(s) for s in split(args.sparsities)]:
                     for variant in allocs:
-                        if (variant == "layerif_auto") != with_auto:
+                        if is_auto(variant) != with_auto:
                             continue
                         extra = noise if variant in split(args.noise_allocations) and (
                             noise_sp is None or sp in noise_sp) else []
@@ -315,8 +336,8 @@ def run_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[st
              if eps == "auto" else {})
     report = prune_model(model_dir, pruned, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
                          allocation=allocation, epsilon=eps, scores=scores[score_key] if score_key else None,
-                         calib=calib, n_calib=args.n_calib, max_length=args.max_length, overwrite=True,
-                         show_progress=False, **extra)
+                         calib=calib, n_calib=args.n_calib, max_length=args.max_length, batch_size=args.batch_size,
+                         overwrite=True, show_progress=False, **extra)
     prune_s = time.perf_counter() - t0
     result = evaluate(pruned, docs, args.eval_batch)
     shutil.rmtree(pruned, ignore_errors=True)
@@ -386,7 +407,7 @@ def write_report(args: argparse.Namespace, all_rows: list[dict[str, Any]], out: 
     from layerif_plugins.io import atomic_write_text
     from layerif_plugins.report import markdown_table
 
-    rows = [r for r in all_rows if r.get("sizes") == sizes(args)]
+    rows = [r for r in all_rows if row_sizes(r) == sizes(args)]
     parts = [f"# Per-layer sparsity allocations, `{args.model}` (llm-compressor oneshot)", "",
              f"Sizes: {json.dumps(sizes(args))}; calibration seeds {args.seeds} (+ {args.noise_seeds} for "
              f"{args.noise_allocations}). Cells: perplexity (measured weighted sparsity). Best of a row in bold.", ""]
@@ -465,12 +486,12 @@ def auto_section(rows: list[dict[str, Any]]) -> list[str]:
 
     table = []
     for r in rows:
-        if r["variant"] != "layerif_auto":
+        if not is_auto(r["variant"]):
             continue
         uni = next((u for u in rows if u["variant"] == "uniform" and u["algorithm"] == r["algorithm"]
                     and u["sparsity"] == r["sparsity"] and u["seed"] == r["seed"]), None)
         a = r["auto"]
-        table.append([r["algorithm"], f"{r['sparsity']:.2f}", r["seed"], f"{r['ppl']:.2f}",
+        table.append([r["algorithm"], VARIANTS[r["variant"]][0], f"{r['sparsity']:.2f}", r["seed"], f"{r['ppl']:.2f}",
                       f"{uni['ppl']:.2f}" if uni else "–",
                       f"{100 * (r['ppl'] / uni['ppl'] - 1):+.1f} %" if uni else "–",
                       f"{a.get('epsilon')}{' inverted' if a.get('invert') else ''}",
@@ -478,11 +499,11 @@ def auto_section(rows: list[dict[str, Any]]) -> list[str]:
                       a.get("pruning_passes", "–")])
     if not table:
         return []
-    picked = sum(1 for r in rows if r["variant"] == "layerif_auto" and r["auto"].get("epsilon", 0) > 0)
-    return [f"ε auto (LayerIF attn scores; ε and direction picked on held-out calibration data): ε > 0 chosen "
-            f"in {picked} of {len(table)} cells.", "",
-            markdown_table(["algorithm", "target", "seed", "WikiText ppl", "uniform ppl", "vs uniform", "chosen ε",
-                            "held-out ppl uniform → chosen", "pruning passes"], table), ""]
+    picked = sum(1 for r in rows if is_auto(r["variant"]) and r["auto"].get("epsilon", 0) > 0)
+    return [f"Searched spread (ε of the LayerIF attn scores, OWL's λ; with the mapping direction, picked on "
+            f"held-out calibration data): a spread > 0 chosen in {picked} of {len(table)} cells.", "",
+            markdown_table(["algorithm", "allocation", "target", "seed", "eval ppl", "uniform ppl", "vs uniform",
+                            "chosen spread", "held-out ppl uniform → chosen", "pruning passes"], table), ""]
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def qp():
 
 def test_plan_orders_auto_last_and_adds_noise_seeds(qp):
     args = qp.parse_args(["--allocations", "uniform,layerif_auto,depth_ramp", "--sparsities", "0.5,0.6",
-                          "--algorithms", "wanda", "--noise-allocations", "uniform", "--noise-seeds", "1"])
+                          "--algorithms", "wanda", "--noise-allocations", "uniform", "--noise-seeds", "1",
+                          "--noise-sparsities", ""])
     cells = qp.planned_cells(args)
     assert [(c["variant"], c["sparsity"], c["seed"]) for c in cells] == [
         ("uniform", 0.5, 0), ("uniform", 0.5, 1), ("depth_ramp", 0.5, 0),
@@ -83,8 +84,8 @@ def test_report_tables_noise_and_auto(qp, tmp_path):
     text = qp.write_report(args, rows, tmp_path)
     assert "| wanda | 0.60 | 50.00 (0.600) | **45.00 (0.600)** | 49.00 (0.600) |" in text
     assert "median 2.0 %" in text  # (51 − 50) / 50.5
-    assert "| wanda | 0.60 | 0 | 49.00 | 50.00 | -2.0 % | 0.1 inverted | 60.00 → 58.00 | 9 |" in text
-    assert "ε > 0 chosen in 1 of 1 cells" in text
+    assert "| wanda | LayerIF ε auto | 0.60 | 0 | 49.00 | 50.00 | -2.0 % | 0.1 inverted | 60.00 → 58.00 | 9 |" in text
+    assert "a spread > 0 chosen in 1 of 1 cells" in text
 
 
 @pytest.mark.slow  # imports torch, transformers and PEFT

@@ -507,3 +507,25 @@ def test_search_tie_rule_and_holdout_split():
     prune_b, held_b = split_batches(batches, [2, 6])
     assert len(prune_b) == 6 and len(held_b) == 2 and not {id(b) for b in prune_b} & {id(b) for b in held_b}
     assert batches_to_examples(held_b, "held").input_ids == ((3, 4), (7, 8))  # padding dropped
+
+
+def test_batched_calibration_prunes_like_one_at_a_time(stories_dir, tinystories_train, tmp_path):
+    """oneshot's ``batch_size`` reaches the pipeline: equal-length examples give the same masks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    assert all(len(ids) == 16 for ids in load_examples(tinystories_train, tok, 16, n=8).input_ids)  # no truncation
+    one = prune(stories_dir, tmp_path / "bs1", tinystories_train, allocation="uniform", n_calib=8, max_length=16)
+    four = prune(stories_dir, tmp_path / "bs4", tinystories_train, allocation="uniform", n_calib=8, max_length=16,
+                 batch_size=4)
+    assert one["calib"]["batch_size"] == 1 and four["calib"]["batch_size"] == 4
+    assert four["weighted_mean_measured"] == one["weighted_mean_measured"]
+    masks = [{n: p == 0 for n, p in AutoModelForCausalLM.from_pretrained(str(d)).named_parameters()}
+             for d in (tmp_path / "bs1", tmp_path / "bs4")]
+    differ = sum(int((masks[0][n] != masks[1][n]).sum()) for n in masks[0])
+    total = sum(m.numel() for m in masks[0].values())
+    assert differ <= 1e-3 * total  # only float-summation-order ties may move
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+            prune(stories_dir, tmp_path / "x", tinystories_train, allocation="uniform", batch_size=bad)
+    assert not (tmp_path / "x").exists()

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True, help="calibration data (.txt / .jsonl)")
     p.add_argument("--n-calib", type=positive_int, default=128, help="calibration examples (the first N)")
     p.add_argument("--max-length", type=positive_int, default=128, help="tokens per calibration example")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="calibration batch size (batches are truncated to their shortest example: use > 1 when "
+                        "the examples are all longer than --max-length)")
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out written by layerif")
     p.add_argument("--quiet", action="store_true", help="no progress bars of ours")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     report = prune_model(
         args.model, args.out, algorithm=args.algorithm, sparsity=args.sparsity, allocation=args.allocation,
         scores=args.scores, epsilon=args.epsilon, calib=args.calib, n_calib=args.n_calib,
-        max_length=args.max_length, overwrite=args.overwrite, show_progress=not args.quiet,
+        max_length=args.max_length, batch_size=args.batch_size, overwrite=args.overwrite, show_progress=not args.quiet,
         n_holdout=args.n_holdout,
     )
     if report["epsilon_search"]:

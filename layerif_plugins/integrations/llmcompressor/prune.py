@@ -139,6 +139,7 @@ def prune_model(
     calib: str | Path,
     n_calib: int = 128,
     max_length: int = 128,
+    batch_size: int = 1,
     n_holdout: int | None = None,
     holdout: str | Path | None = None,
     epsilon_grid: list[float] | None = None,
@@ -162,6 +163,11 @@ def prune_model(
             the report's ``epsilon_search`` holds the sweep, ``epsilon_used``/``invert`` the choice).
         invert: reverse the mapping (more sparsity where the scores say less); ``auto`` tries both.
         calib: calibration text file (.txt / .jsonl), its first ``n_calib`` examples, ``max_length`` tokens each.
+        batch_size: calibration batch size of ``oneshot`` (its ``batch_size``; 1 = llm-compressor's
+            default). Batches are collated by truncation to their shortest example, so use more than
+            1 when the examples have equal length (e.g. all longer than ``max_length``): the same
+            statistics with far fewer forward calls (on a 2-core CPU, 128 × 16-token examples prune
+            SmolLM2-135M ~2× faster with 16 per batch).
         n_holdout: ``auto`` only: held-out examples for the search's perplexity (default
             ``max(8, n_calib // 4)``), the ones after the first ``n_calib`` of ``calib``, or the
             first of ``holdout`` when given. Never the evaluation set.
@@ -177,6 +183,8 @@ def prune_model(
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     check_target(sparsity)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_epsilon(epsilon)
     searching = epsilon == AUTO
     if not searching and (n_holdout is not None or holdout is not None or epsilon_grid is not None):
@@ -223,7 +231,7 @@ def prune_model(
                 model = oneshot(
                     model=str(model_dir), tokenizer=tokenizer, recipe=[modifier], dataset=dataset,
                     num_calibration_samples=len(dataset), max_seq_length=max_length,
-                    shuffle_calibration_samples=False,
+                    shuffle_calibration_samples=False, batch_size=batch_size,
                 )
                 elapsed = time.perf_counter() - t0
                 run = next(m for m in active_session().lifecycle.recipe.modifiers
@@ -245,7 +253,7 @@ def prune_model(
                     "scores": str(scores_path) if scores_path else None,
                     "scores_method": info["scores_method"],
                     "layer_scores": info["scores"],
-                    "calib": {**examples.fingerprint(), "max_length": max_length},
+                    "calib": {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size},
                     "epsilon_search": ({**info["epsilon_search"], "holdout": {**info["epsilon_search"]["holdout"],
                                                                               **(held_from or {})}}
                                        if info["epsilon_search"] else None),
