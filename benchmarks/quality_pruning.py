@@ -267,7 +267,6 @@ def task_scores(model: Any, tok: Any, task: str, splits: dict[str, list[str]], n
     """Scores files this task's variants need, computed once and cached beside the JSONL."""
     from layerif_plugins.data import pad_id_of
     from layerif_plugins.engine import InfluenceConfig
-    from layerif_plugins.integrations.llmcompressor.modifiers import ALLOCATIONS
     from layerif_plugins.scorers import ScoringData, score_layers
 
     scoring = {k: getattr(args, k) for k in ("n_train", "n_val", "score_length", "min_tokens")}
@@ -287,8 +286,6 @@ def task_scores(model: Any, tok: Any, task: str, splits: dict[str, list[str]], n
                 params=key.split("_", 1)[1], batch_size=8, show_progress=False))
         elif key == "depth_ramp":
             scores = score_layers(model, "depth_ramp")
-            if "depth_ramp" not in ALLOCATIONS:  # temporary: before the allocation exists, a ramp in LayerIF's name
-                scores.method = "layerif"
         else:
             scores = score_layers(model, key)
         scores.save(path)
@@ -325,11 +322,8 @@ def auto_details(report: dict[str, Any]) -> dict[str, Any]:
 def run_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[str, Path], docs: list[str],
              args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from layerif_plugins.integrations.llmcompressor import prune_model
-    from layerif_plugins.integrations.llmcompressor.modifiers import ALLOCATIONS
 
     label, allocation, score_key, eps = VARIANTS[cell["variant"]]
-    if allocation == "depth_ramp" and "depth_ramp" not in ALLOCATIONS:
-        allocation = "layerif"
     pruned = work / "pruned"
     t0 = time.perf_counter()
     extra = ({"epsilon_grid": [float(x) for x in split(args.auto_grid)], "n_holdout": args.n_holdout}
@@ -438,30 +432,43 @@ def write_report(args: argparse.Namespace, all_rows: list[dict[str, Any]], out: 
                     line.append(f"**{txt}**" if c["ppl"] == best else txt)
                 table.append(line)
         parts += [markdown_table(["algorithm", "target", *[VARIANTS[v][0] for v in variants]], table), ""]
-        parts += noise_section(trows) + auto_section(trows)
+        spreads = [spread for _, spread in seed_spreads(trows)]
+        parts += noise_section(trows) + auto_section(trows, max(spreads) if spreads else None)
     text = "\n".join(parts)
     atomic_write_text(out / f"quality_pruning_{model_tag(args.model)}.md", text)
     print(text)
     return text
 
 
-def noise_section(rows: list[dict[str, Any]]) -> list[str]:
-    """Calibration-seed noise: relative perplexity change between seeds of the same cell."""
+def seed_groups(rows: list[dict[str, Any]]) -> dict[tuple, dict[int, float]]:
+    """(algorithm, variant, sparsity) → {calibration seed: perplexity}."""
     groups: dict[tuple, dict[int, float]] = {}
     for r in rows:
         if r["variant"] != "dense":
             groups.setdefault((r["algorithm"], r["variant"], r["sparsity"]), {})[r["seed"]] = r["ppl"]
-    table, rel = [], []
-    for (algo, variant, sp), by_seed in sorted(groups.items()):
-        if len(by_seed) < 2:
-            continue
-        vals = [by_seed[s] for s in sorted(by_seed)]
-        spread = (max(vals) - min(vals)) / statistics.mean(vals)
-        rel.append(spread)
-        table.append([algo, VARIANTS[variant][0], f"{sp:.2f}", " / ".join(f"{v:.2f}" for v in vals),
-                      f"{100 * spread:.1f} %"])
-    if not table:
+    return groups
+
+
+def seed_spreads(rows: list[dict[str, Any]]) -> list[tuple[tuple, float]]:
+    """(max − min) / mean perplexity of every cell run with ≥ 2 calibration seeds."""
+    out = []
+    for key, by_seed in sorted(seed_groups(rows).items()):
+        if len(by_seed) >= 2:
+            vals = list(by_seed.values())
+            out.append((key, (max(vals) - min(vals)) / statistics.mean(vals)))
+    return out
+
+
+def noise_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Calibration-seed noise: relative perplexity change between seeds of the same cell."""
+    groups = seed_groups(rows)
+    spreads = seed_spreads(rows)
+    if not spreads:
         return []
+    rel = [spread for _, spread in spreads]
+    table = [[algo, VARIANTS[variant][0], f"{sp:.2f}",
+              " / ".join(f"{groups[(algo, variant, sp)][s]:.2f}" for s in sorted(groups[(algo, variant, sp)])),
+              f"{100 * spread:.1f} %"] for (algo, variant, sp), spread in spreads]
     from layerif_plugins.report import markdown_table
 
     paired = []
@@ -480,31 +487,46 @@ def noise_section(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def auto_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The ε-auto cells against uniform (same algorithm, sparsity and seed) and what the search chose."""
+def auto_section(rows: list[dict[str, Any]], noise: float | None = None) -> list[str]:
+    """The searched cells against uniform (same algorithm, sparsity and seed) and what the search chose.
+
+    ``noise``: the largest calibration-seed spread measured for this task; a cell passes the
+    acceptance ("≤ uniform within the noise") when its perplexity ≤ uniform's × (1 + noise).
+    """
     from layerif_plugins.report import markdown_table
 
-    table = []
+    table, passed, gains, picked = [], 0, [], 0
     for r in rows:
         if not is_auto(r["variant"]):
             continue
         uni = next((u for u in rows if u["variant"] == "uniform" and u["algorithm"] == r["algorithm"]
                     and u["sparsity"] == r["sparsity"] and u["seed"] == r["seed"]), None)
         a = r["auto"]
+        rel = r["ppl"] / uni["ppl"] - 1 if uni else None
+        ok = None if rel is None or noise is None else rel <= noise
+        passed += bool(ok)
+        if a.get("epsilon", 0) > 0:
+            picked += 1
+            if rel is not None:
+                gains.append(rel)
         table.append([r["algorithm"], VARIANTS[r["variant"]][0], f"{r['sparsity']:.2f}", r["seed"], f"{r['ppl']:.2f}",
-                      f"{uni['ppl']:.2f}" if uni else "–",
-                      f"{100 * (r['ppl'] / uni['ppl'] - 1):+.1f} %" if uni else "–",
+                      f"{uni['ppl']:.2f}" if uni else "–", f"{100 * rel:+.1f} %" if rel is not None else "–",
+                      {True: "yes", False: "**no**", None: "–"}[ok],
                       f"{a.get('epsilon')}{' inverted' if a.get('invert') else ''}",
                       f"{a['holdout_uniform_ppl']:.2f} → {a['holdout_chosen_ppl']:.2f}" if a else "–",
-                      a.get("pruning_passes", "–")])
+                      a.get("pruning_passes", "–"), f"{a['search_s']:.0f}" if a.get("search_s") else "–"])
     if not table:
         return []
-    picked = sum(1 for r in rows if is_auto(r["variant"]) and r["auto"].get("epsilon", 0) > 0)
-    return [f"Searched spread (ε of the LayerIF attn scores, OWL's λ; with the mapping direction, picked on "
-            f"held-out calibration data): a spread > 0 chosen in {picked} of {len(table)} cells.", "",
+    summary = (f"Searched spread (ε of the LayerIF attn scores, OWL's λ; with the mapping direction, picked on "
+               f"held-out calibration data): a spread > 0 chosen in {picked} of {len(table)} cells"
+               + (f", {100 * statistics.mean(gains):+.1f} % perplexity vs uniform on average where it was"
+                  if gains else "")
+               + (f"; ≤ uniform within the calibration-seed noise ({100 * noise:.1f} %) in {passed} of {len(table)}."
+                  if noise is not None else "."))
+    return [summary, "",
             markdown_table(["algorithm", "allocation", "target", "seed", "eval ppl", "uniform ppl", "vs uniform",
-                            "chosen spread", "held-out ppl uniform → chosen", "pruning passes"], table), ""]
-
+                            "≤ uniform + noise", "chosen spread", "held-out ppl uniform → chosen", "pruning passes",
+                            "search s"], table), ""]
 
 if __name__ == "__main__":
     sys.exit(main())

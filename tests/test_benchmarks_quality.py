@@ -79,13 +79,15 @@ def test_report_tables_noise_and_auto(qp, tmp_path):
         {**base, "variant": "depth_ramp", "seed": 0, "ppl": 45.0},
         {**base, "variant": "layerif_auto", "seed": 0, "ppl": 49.0,
          "auto": {"epsilon": 0.1, "invert": True, "holdout_uniform_ppl": 60.0, "holdout_chosen_ppl": 58.0,
-                  "pruning_passes": 9}},
+                  "pruning_passes": 9, "search_s": 300.0}},
     ]
     text = qp.write_report(args, rows, tmp_path)
     assert "| wanda | 0.60 | 50.00 (0.600) | **45.00 (0.600)** | 49.00 (0.600) |" in text
     assert "median 2.0 %" in text  # (51 − 50) / 50.5
-    assert "| wanda | LayerIF ε auto | 0.60 | 0 | 49.00 | 50.00 | -2.0 % | 0.1 inverted | 60.00 → 58.00 | 9 |" in text
-    assert "a spread > 0 chosen in 1 of 1 cells" in text
+    assert ("| wanda | LayerIF ε auto | 0.60 | 0 | 49.00 | 50.00 | -2.0 % | yes | 0.1 inverted | 60.00 → 58.00 "
+            "| 9 | 300 |") in text
+    assert "a spread > 0 chosen in 1 of 1 cells, -2.0 % perplexity vs uniform on average where it was" in text
+    assert "within the calibration-seed noise (2.0 %) in 1 of 1" in text
 
 
 @pytest.mark.slow  # imports torch, transformers and PEFT

@@ -529,3 +529,18 @@ def test_batched_calibration_prunes_like_one_at_a_time(stories_dir, tinystories_
         with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
             prune(stories_dir, tmp_path / "x", tinystories_train, allocation="uniform", batch_size=bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_invert_and_batch_size(stories_dir, tinystories_train, tmp_path, capsys):
+    from layerif_plugins.cli import main
+
+    out = tmp_path / "ramp-inv"
+    rc = main(["prune", "--model", str(stories_dir), "--sparsity", "0.5", "--allocation", "depth_ramp", "--invert",
+               "--calib", str(tinystories_train), "--n-calib", "8", "--max-length", "16", "--batch-size", "4",
+               "--out", str(out), "--quiet"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["invert"] is True and report["calib"]["batch_size"] == 4
+    assert [r["target"] for r in report["layers"]] == pytest.approx([0.55, 0.525, 0.5, 0.475, 0.45], abs=1e-12)
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert next(iter(next(iter(recipe.values())).values()))["LayerIFWandaPruningModifier"]["invert"] is True

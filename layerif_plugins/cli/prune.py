@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             f"{a} {e}" for a, e in REFERENCE_EPSILON.items() if e) + "); auto: try eps in "
                         "{0, 0.05, 0.1, 0.2, 0.3} (0 = uniform) as scored and inverted, keep the lowest perplexity "
                         "on held-out calibration examples (one extra oneshot per candidate, 9 by default)")
+    p.add_argument("--invert", action="store_true",
+                   help="reverse the mapping: more sparsity where the scores say less (--epsilon "
+                        "auto tries both directions anyway)")
     p.add_argument("--n-holdout", type=positive_int, default=None,
                    help="--epsilon auto: held-out examples, the ones after the first --n-calib of --calib "
                         "(default: max(8, n-calib/4))")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = prune_model(
         args.model, args.out, algorithm=args.algorithm, sparsity=args.sparsity, allocation=args.allocation,
-        scores=args.scores, epsilon=args.epsilon, calib=args.calib, n_calib=args.n_calib,
+        scores=args.scores, epsilon=args.epsilon, invert=args.invert, calib=args.calib, n_calib=args.n_calib,
         max_length=args.max_length, batch_size=args.batch_size, overwrite=args.overwrite, show_progress=not args.quiet,
         n_holdout=args.n_holdout,
     )

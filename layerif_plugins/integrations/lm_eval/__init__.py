@@ -325,6 +325,7 @@ def evaluate(
             raise ConfigError("an in-memory model needs its tokenizer object: evaluate(model, tasks, tokenizer=tok)")
     else:
         check_model_dir(model, tokenizer if isinstance(tokenizer, (str, Path)) else None)
+    _check_max_length(model, max_length)
     if dtype is None:
         dtype = vllm_options.dtype if backend == "vllm" and vllm_options is not None else "float32"
     tmp = None
@@ -358,6 +359,23 @@ def evaluate(
               "lm_eval": getattr(lm_eval, "__version__", "?"),
               "tasks": [asdict(s) | {"path": str(s.path) if s.path else None} for s in specs]}
     return EvalResult(model=name, backend=backend, tasks=_collect(raw, built), seconds=seconds, config=config)
+
+
+def _check_max_length(model: Any, max_length: int | None) -> None:
+    """A context longer than the model's positions is refused before any loading.
+
+    Learned position tables would index out of range; RoPE models would run on positions
+    they never saw and report a meaningless score.
+    """
+    if max_length is None:
+        return
+    if isinstance(model, (str, Path)):
+        positions = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    else:
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and max_length > int(positions):
+        raise ConfigError(f"max_length {max_length} is longer than the model's {positions} positions "
+                          f"(max_position_embeddings): use --max-length {positions} or less")
 
 
 def _run_hf(
