@@ -12,7 +12,8 @@ scheme). Allocations (``--allocations``):
 * ``depth_ramp``: score = layer index, ε 0.1 — the control of METHOD.md §5;
 * ``layerif_auto``: the ``layerif_attn`` scores with ``epsilon="auto"`` (ε and mapping
   direction chosen on a held-out slice of the calibration data; k oneshots per cell);
-  ``owl_auto``: OWL with λ searched the same way.
+  ``layerif_auto_long``: the same, the candidates judged on 128-token held-out examples
+  (``holdout_length``) instead of calibration-length ones; ``owl_auto``: OWL with λ searched.
 
 Tasks (``--tasks``), every split disjoint and fixed (seed 1234):
 
@@ -74,8 +75,11 @@ VARIANTS: dict[str, tuple[str, str, str | None, float | str | None]] = {
     "layerif_all": ("LayerIF all", "layerif", "layerif_all", 0.1),
     "depth_ramp": ("depth ramp", "depth_ramp", "depth_ramp", 0.1),
     "layerif_auto": ("LayerIF ε auto", "layerif", "layerif_attn", "auto"),
+    "layerif_auto_long": ("LayerIF ε auto, 128-token held-out", "layerif", "layerif_attn", "auto"),
     "owl_auto": ("OWL λ auto", "owl", None, "auto"),
 }
+#: searched variants whose held-out examples are longer than the calibration examples (tokens)
+HOLDOUT_LENGTH = {"layerif_auto_long": 128}
 TASKS = ("wikitext2", "tinystories")
 EVAL_NAMES = {"wikitext2": "WikiText-2 test", "tinystories": "TinyStories valid"}
 SPLIT_SEED = 1234
@@ -326,8 +330,8 @@ def run_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[st
     label, allocation, score_key, eps = VARIANTS[cell["variant"]]
     pruned = work / "pruned"
     t0 = time.perf_counter()
-    extra = ({"epsilon_grid": [float(x) for x in split(args.auto_grid)], "n_holdout": args.n_holdout}
-             if eps == "auto" else {})
+    extra = ({"epsilon_grid": [float(x) for x in split(args.auto_grid)], "n_holdout": args.n_holdout,
+              "holdout_length": HOLDOUT_LENGTH.get(cell["variant"])} if eps == "auto" else {})
     report = prune_model(model_dir, pruned, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
                          allocation=allocation, epsilon=eps, scores=scores[score_key] if score_key else None,
                          calib=calib, n_calib=args.n_calib, max_length=args.max_length, batch_size=args.batch_size,

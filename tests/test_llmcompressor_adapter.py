@@ -544,3 +544,32 @@ def test_cli_invert_and_batch_size(stories_dir, tinystories_train, tmp_path, cap
     assert [r["target"] for r in report["layers"]] == pytest.approx([0.55, 0.525, 0.5, 0.475, 0.45], abs=1e-12)
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert next(iter(next(iter(recipe.values())).values()))["LayerIFWandaPruningModifier"]["invert"] is True
+
+
+@pytest.mark.slow
+def test_epsilon_auto_judges_at_holdout_length(stories_dir, tinystories_train, tmp_path, capsys):
+    """``--holdout-length``: 16-token calibration, candidates judged on 64-token held-out examples."""
+    from transformers import AutoTokenizer
+
+    from layerif_plugins.cli import main
+
+    out = tmp_path / "auto64"
+    rc = main(["prune", "--model", str(stories_dir), "--sparsity", "0.6", "--allocation", "depth_ramp",
+               "--epsilon", "auto", "--calib", str(tinystories_train), "--n-calib", "8", "--max-length", "16",
+               "--n-holdout", "4", "--holdout-length", "64", "--batch-size", "4", "--out", str(out), "--quiet"])
+    assert rc == 0 and "epsilon auto: chose" in capsys.readouterr().out
+    report = json.loads((out / "sparsity_report.json").read_text())
+    search = report["epsilon_search"]
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    held = load_examples(tinystories_train, tok, 64, n=12).subset(range(8, 12))
+    assert search["holdout"]["max_length"] == 64 and search["holdout"]["sha256"] == held.digest()
+    assert max(len(x) for x in held.input_ids) == 64
+    assert report["calib"]["sha256"] == load_examples(tinystories_train, tok, 16, n=8).digest()
+    assert report["calib"]["max_length"] == 16
+    assert heldout_perplexity(out, held) == pytest.approx(search["chosen_perplexity"], rel=1e-9)
+    with pytest.raises(ConfigError, match="holdout_length"):
+        prune(stories_dir, tmp_path / "x", tinystories_train, allocation="depth_ramp", holdout_length=64)
+    with pytest.raises(ConfigError, match="holdout_length must be an integer >= 1"):
+        prune(stories_dir, tmp_path / "x", tinystories_train, allocation="depth_ramp", epsilon="auto",
+              holdout_length=0)
+    assert not (tmp_path / "x").exists()

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-holdout", type=positive_int, default=None,
                    help="--epsilon auto: held-out examples, the ones after the first --n-calib of --calib "
                         "(default: max(8, n-calib/4))")
+    p.add_argument("--holdout-length", type=positive_int, default=None,
+                   help="--epsilon auto: tokens per held-out example (default: --max-length); judge the candidates "
+                        "at the context length you serve when calibration is cut short")
     p.add_argument("--calib", required=True, help="calibration data (.txt / .jsonl)")
     p.add_argument("--n-calib", type=positive_int, default=128, help="calibration examples (the first N)")
     p.add_argument("--max-length", type=positive_int, default=128, help="tokens per calibration example")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.out, algorithm=args.algorithm, sparsity=args.sparsity, allocation=args.allocation,
         scores=args.scores, epsilon=args.epsilon, invert=args.invert, calib=args.calib, n_calib=args.n_calib,
         max_length=args.max_length, batch_size=args.batch_size, overwrite=args.overwrite, show_progress=not args.quiet,
-        n_holdout=args.n_holdout,
+        n_holdout=args.n_holdout, holdout_length=args.holdout_length,
     )
     if report["epsilon_search"]:
         found = report["epsilon_search"]

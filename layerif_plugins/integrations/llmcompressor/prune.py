@@ -89,26 +89,34 @@ def default_n_holdout(n_calib: int) -> int:
 
 
 def _load_data(calib: str | Path, holdout: str | Path | None, tokenizer: Any, n_calib: int, n_holdout: int | None,
-               max_length: int, search: bool) -> tuple[Any, Any, dict[str, Any] | None]:
-    """(calibration examples, held-out examples or None, where the held-out ones came from)."""
+               max_length: int, search: bool, holdout_length: int | None = None,
+               ) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(calibration examples, held-out examples or None, where the held-out ones came from).
+
+    The held-out examples are ``holdout_length`` tokens long (default ``max_length``): the
+    search should judge perplexity at the context length the model is used with, which can
+    be longer than what calibration can afford.
+    """
     from layerif_plugins.data import load_examples
 
+    calibration = load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
     if not search:
-        return load_examples(calib, tokenizer, max_length=max_length, n=n_calib), None, None
+        return calibration, None, None
     k = default_n_holdout(n_calib) if n_holdout is None else n_holdout
     if k < 1:
         raise DataError(f"n_holdout={k}: epsilon auto needs at least one held-out example")
+    length = max_length if holdout_length is None else holdout_length
     if holdout is not None:
-        return (load_examples(calib, tokenizer, max_length=max_length, n=n_calib),
-                load_examples(holdout, tokenizer, max_length=max_length, n=k), {"file": str(holdout), "first": k})
+        return (calibration, load_examples(holdout, tokenizer, max_length=length, n=k),
+                {"file": str(holdout), "first": k, "max_length": length})
     try:
-        both = load_examples(calib, tokenizer, max_length=max_length, n=n_calib + k)
+        both = load_examples(calib, tokenizer, max_length=length, n=n_calib + k)
     except DataError as exc:
         raise DataError(f"{exc}; epsilon auto holds out the {k} examples after the first {n_calib} "
                         f"(n_calib + n_holdout = {n_calib + k}): use a longer file, a smaller n_holdout, or "
                         "a separate holdout file") from None
-    return (both.subset(range(n_calib)), both.subset(range(n_calib, n_calib + k)),
-            {"file": str(calib), "examples": [n_calib, n_calib + k]})
+    return (calibration, both.subset(range(n_calib, n_calib + k)),
+            {"file": str(calib), "examples": [n_calib, n_calib + k], "max_length": length})
 
 
 def _check_saved_config(out: Path) -> None:
@@ -142,6 +150,7 @@ def prune_model(
     batch_size: int = 1,
     n_holdout: int | None = None,
     holdout: str | Path | None = None,
+    holdout_length: int | None = None,
     epsilon_grid: list[float] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -172,6 +181,10 @@ def prune_model(
             ``max(8, n_calib // 4)``), the ones after the first ``n_calib`` of ``calib``, or the
             first of ``holdout`` when given. Never the evaluation set.
         holdout: ``auto`` only: a text file for the held-out examples instead of ``calib``'s tail.
+        holdout_length: ``auto`` only: tokens per held-out example (default ``max_length``). Judge
+            the candidates at the context length the model serves: when calibration is cut
+            short to save time (e.g. 16 tokens), short held-out snippets favour allocations
+            that help only short contexts.
         epsilon_grid: ``auto`` only: the spreads to try (default 0, 0.05, 0.1, 0.2, 0.3).
         show_progress: progress bars of the scores computed here (OWL activations, ESD fits);
             llm-compressor's own bars and logs follow its settings (``LLM_COMPRESSOR_LOG_LEVEL``).
@@ -187,9 +200,13 @@ def prune_model(
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_epsilon(epsilon)
     searching = epsilon == AUTO
-    if not searching and (n_holdout is not None or holdout is not None or epsilon_grid is not None):
-        raise ConfigError("n_holdout, holdout and epsilon_grid belong to epsilon='auto'; pass epsilon='auto' or "
-                          "leave them out")
+    if not searching and (n_holdout is not None or holdout is not None or epsilon_grid is not None
+                          or holdout_length is not None):
+        raise ConfigError("n_holdout, holdout, holdout_length and epsilon_grid belong to epsilon='auto'; pass "
+                          "epsilon='auto' or leave them out")
+    if holdout_length is not None and (isinstance(holdout_length, bool) or not isinstance(holdout_length, int)
+                                       or holdout_length < 1):
+        raise ConfigError(f"holdout_length must be an integer >= 1, got {holdout_length!r}")
     out = check_out_dir(out, overwrite=overwrite, option="out",
                         inputs={"model": [model_path], "calib": [calib], "holdout": [holdout], "scores": [scores]})
     if allocation == "layerif" and scores is None:
@@ -221,7 +238,8 @@ def prune_model(
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         config = json.loads((Path(model_dir) / "config.json").read_text())
         limit_to_positions(tokenizer, config.get("max_position_embeddings"))  # over-length calibration fails early
-        examples, held, held_from = _load_data(calib, holdout, tokenizer, n_calib, n_holdout, max_length, searching)
+        examples, held, held_from = _load_data(calib, holdout, tokenizer, n_calib, n_holdout, max_length, searching,
+                                                 holdout_length)
         dataset = _calibration_dataset(examples)
         if held is not None:
             modifier.use_holdout(held)
