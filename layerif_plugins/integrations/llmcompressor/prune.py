@@ -99,15 +99,17 @@ def _load_data(calib: str | Path, holdout: str | Path | None, tokenizer: Any, n_
     """
     from layerif_plugins.data import load_examples
 
-    calibration = load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
+    def calibration() -> Any:
+        return load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
+
     if not search:
-        return calibration, None, None
+        return calibration(), None, None
     k = default_n_holdout(n_calib) if n_holdout is None else n_holdout
     if k < 1:
         raise DataError(f"n_holdout={k}: epsilon auto needs at least one held-out example")
     length = max_length if holdout_length is None else holdout_length
     if holdout is not None:
-        return (calibration, load_examples(holdout, tokenizer, max_length=length, n=k),
+        return (calibration(), load_examples(holdout, tokenizer, max_length=length, n=k),
                 {"file": str(holdout), "first": k, "max_length": length})
     try:
         both = load_examples(calib, tokenizer, max_length=length, n=n_calib + k)
@@ -115,7 +117,9 @@ def _load_data(calib: str | Path, holdout: str | Path | None, tokenizer: Any, n_
         raise DataError(f"{exc}; epsilon auto holds out the {k} examples after the first {n_calib} "
                         f"(n_calib + n_holdout = {n_calib + k}): use a longer file, a smaller n_holdout, or "
                         "a separate holdout file") from None
-    return (calibration, both.subset(range(n_calib, n_calib + k)),
+    # one tokenization serves both when the lengths agree (the calibration examples are its head)
+    head = both.subset(range(n_calib)) if length == max_length else calibration()
+    return (head, both.subset(range(n_calib, n_calib + k)),
             {"file": str(calib), "examples": [n_calib, n_calib + k], "max_length": length})
 
 
