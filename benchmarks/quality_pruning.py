@@ -9,7 +9,7 @@ scheme). Allocations (``--allocations``):
 * ``uniform``; ``owl`` (λ 0.08, from the calibration data); ``alpha_hill`` (AlphaPruning, ε 0.2);
 * ``layerif_attn`` / ``layerif_all``: LayerIF scores of the task's own score-train →
   score-validation split (``attn`` / ``all`` parameter group), ε 0.1 (docs/method.md §2b);
-* ``depth_ramp``: score = layer index, ε 0.1 — the control of METHOD.md §5;
+* ``depth_ramp``: score = layer index, ε 0.1 — the control of docs/method.md §5;
 * ``layerif_auto``: the ``layerif_attn`` scores with ``epsilon="auto"`` (ε and mapping
   direction chosen on a held-out slice of the calibration data; k oneshots per cell);
   ``layerif_auto_long``: the same, the candidates judged on 128-token held-out examples
@@ -77,7 +77,18 @@ VARIANTS: dict[str, tuple[str, str, str | None, float | str | None]] = {
     "layerif_auto": ("LayerIF ε auto", "layerif", "layerif_attn", "auto"),
     "layerif_auto_long": ("LayerIF ε auto, 128-token held-out", "layerif", "layerif_attn", "auto"),
     "owl_auto": ("OWL λ auto", "owl", None, "auto"),
+    # one `allocation: auto` plan per cell: every provider's best candidate becomes a column (its knob searched
+    # on held-out calibration data), plus sensitivity and auto's own decision; each pruned once more and tested
+    "planner": ("planner (auto)", "auto", "layerif_attn", "plan"),
 }
+#: the columns a planner cell reports: column → the providers whose best held-out candidate it takes
+PLANNER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "plan_uniform": ("uniform",), "plan_owl": ("owl",), "plan_alpha_hill": ("alpha_hill",), "plan_atp": ("atp",),
+    "plan_layerif": ("layerif",), "plan_sensitivity": ("sensitivity",), "plan_auto": (),
+}
+PLANNER_LABELS = {"plan_uniform": "uniform", "plan_owl": "OWL*", "plan_alpha_hill": "AlphaPruning*",
+                  "plan_atp": "ATP*", "plan_layerif": "LayerIF*", "plan_sensitivity": "sensitivity",
+                  "plan_auto": "auto"}
 #: searched variants whose held-out examples are longer than the calibration examples (tokens)
 HOLDOUT_LENGTH = {"layerif_auto_long": 128}
 TASKS = ("wikitext2", "tinystories")
@@ -104,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noise-sparsities", default="0.6", help="sparsities that get the noise seeds (empty: all)")
     p.add_argument("--auto-grid", default="0,0.05,0.1,0.2,0.3", help="spread candidates of the *_auto variants")
     p.add_argument("--n-holdout", type=int, default=32, help="held-out calibration examples of the *_auto variants")
+    p.add_argument("--planner-holdout-length", type=int, default=128,
+                   help="tokens per held-out example of the planner cells")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples")
     p.add_argument("--max-length", type=int, default=16, help="tokens per calibration example")
     p.add_argument("--batch-size", type=int, default=16,
@@ -138,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def is_auto(variant: str) -> bool:
     """Searched variants cost one oneshot per candidate: they run after the rest of their task."""
-    return variant in VARIANTS and VARIANTS[variant][3] == "auto"
+    return variant in VARIANTS and VARIANTS[variant][3] in ("auto", "plan")
 
 
 def split(s: str) -> list[str]:
@@ -346,6 +359,65 @@ def run_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[st
             "prune_s": prune_s, **result, "auto": auto_details(report), "sizes": sizes(args)}
 
 
+def column_plans(plan_path: Path, work: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """One plan file per planner column: the best held-out candidate of its provider(s); ``plan_auto``: the plan."""
+    from dataclasses import replace
+
+    from layerif_plugins.plan import AllocationPlan
+
+    plan = AllocationPlan.load(plan_path)
+    out: dict[str, tuple[Path, dict[str, Any]]] = {"plan_auto": (plan_path, plan.candidates[plan.chosen["index"]])}
+    for column, providers in PLANNER_COLUMNS.items():
+        mine = [(i, c) for i, c in enumerate(plan.candidates) if c["provider"] in providers
+                and c.get("loss") is not None]
+        if not mine:
+            continue
+        i, best = min(mine, key=lambda ic: (ic[1]["loss"], ic[0]))
+        path = work / f"{column}.json"
+        replace(plan, layer_sparsity=best["layer_sparsity"], chosen={**best, "index": i}).save(path)
+        out[column] = (path, best)
+    return out
+
+
+def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[str, Path], docs: list[str],
+                     args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """``allocation: auto`` once (every provider searched, sensitivity, the decision), then each column tested."""
+    from layerif_plugins.integrations.llmcompressor import prune_model
+    from layerif_plugins.integrations.llmcompressor.prune import plan_pruning
+
+    plan_path = work / "plan.json"
+    t0 = time.perf_counter()
+    plan = plan_pruning(model_dir, plan_path, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
+                        allocation="auto", scores=scores["layerif_attn"], calib=calib, n_calib=args.n_calib,
+                        max_length=args.max_length, batch_size=args.batch_size, n_holdout=args.n_holdout,
+                        holdout_length=args.planner_holdout_length, overwrite=True, show_progress=False)
+    plan_s = time.perf_counter() - t0
+    shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
+                f"{cell['sparsity']}_{cell['seed']}.json")
+    rows = []
+    for column, (path, cand) in column_plans(plan_path, work).items():
+        pruned = work / "pruned"
+        report = prune_model(model_dir, pruned, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
+                             allocation="uniform", plan=path, calib=calib, n_calib=args.n_calib,
+                             max_length=args.max_length, batch_size=args.batch_size, overwrite=True,
+                             show_progress=False)
+        result = evaluate(pruned, docs, args.eval_batch)
+        shutil.rmtree(pruned, ignore_errors=True)
+        provider_cost = sum(1 for c in plan.candidates if c["provider"] in (PLANNER_COLUMNS[column] or ())
+                            and c["status"] == "evaluated")
+        rows.append({**cell, "variant": column, "label": PLANNER_LABELS[column], "allocation": "plan",
+                     "chosen": {"provider": cand["provider"], "knobs": cand.get("knobs")},
+                     "holdout_ppl": cand.get("perplexity"), "vs_uniform_holdout": cand.get("vs_uniform"),
+                     "measured": report["weighted_mean_measured"],
+                     "layer_sparsity": [r["target"] for r in report["layers"]],
+                     "oneshot_s": report["oneshot_seconds"], **result,
+                     "search": {"prunes": provider_cost if column != "plan_auto" else plan.cost.get("prunes"),
+                                "plan_s": plan_s, "plan_prunes": plan.cost.get("prunes"),
+                                "layer_prunes": plan.cost.get("layer_prunes"), "why": plan.decision.get("why")},
+                     "sizes": sizes(args)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -386,6 +458,14 @@ def main(argv: list[str] | None = None) -> int:
             scores = task_scores(model, tok, task, splits, needed, args, out)
             for cell in task_cells:
                 calib = calibration_file(work, task, splits["calib"], args.n_calib, cell["seed"], args.n_holdout)
+                if cell["variant"] == "planner":
+                    for row in run_planner_cell(cell, model_dir, calib, scores, splits["eval"], args, work):
+                        append_row(jsonl, row)
+                        print(f"[plan] {task} {cell['algorithm']} s={cell['sparsity']:.2f} seed={cell['seed']} "
+                              f"{row['label']:14s} ppl={row['ppl']:.3f} held-out={row['holdout_ppl']:.3f} "
+                              f"chosen={row['chosen']}", flush=True)
+                    append_row(jsonl, {**cell, "sizes": sizes(args), "done": True})
+                    continue
                 row = run_cell(cell, model_dir, calib, scores, splits["eval"], args, work)
                 append_row(jsonl, row)
                 print(f"[cell] {task} {cell['algorithm']:9s} {cell['variant']:13s} s={cell['sparsity']:.2f} "
@@ -405,11 +485,13 @@ def write_report(args: argparse.Namespace, all_rows: list[dict[str, Any]], out: 
     from layerif_plugins.io import atomic_write_text
     from layerif_plugins.report import markdown_table
 
-    rows = [r for r in all_rows if row_sizes(r) == sizes(args)]
+    rows = [r for r in all_rows if row_sizes(r) == sizes(args) and not r.get("done")]
     parts = [f"# Per-layer sparsity allocations, `{args.model}` (llm-compressor oneshot)", "",
              f"Sizes: {json.dumps(sizes(args))}; calibration seeds {args.seeds} (+ {args.noise_seeds} for "
              f"{args.noise_allocations}). Cells: perplexity (measured weighted sparsity). Best of a row in bold.", ""]
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    planner_rows = [r for r in rows if r["variant"] in PLANNER_COLUMNS]
+    rows = [r for r in rows if r["variant"] not in PLANNER_COLUMNS]
     for task in TASKS:
         trows = [r for r in rows if r["task"] == task]
         if not trows:
@@ -438,10 +520,61 @@ def write_report(args: argparse.Namespace, all_rows: list[dict[str, Any]], out: 
         parts += [markdown_table(["algorithm", "target", *[VARIANTS[v][0] for v in variants]], table), ""]
         spreads = [spread for _, spread in seed_spreads(trows)]
         parts += noise_section(trows) + auto_section(trows, max(spreads) if spreads else None)
+    parts += planner_section(planner_rows, {r["task"]: r for r in rows if r["variant"] == "dense"})
     text = "\n".join(parts)
     atomic_write_text(out / f"quality_pruning_{model_tag(args.model)}.md", text)
     print(text)
     return text
+
+
+def planner_section(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -> list[str]:
+    """The planner table: every column's test perplexity per seed, Δ vs uniform, and what the search cost."""
+    from layerif_plugins.report import markdown_table
+
+    if not rows:
+        return []
+    parts = ["## Planner cells (`allocation: auto`; * = knob searched on held-out calibration data)", "",
+             "Test perplexity (calibration seed 0 / seed 1 where run); Δ = relative to uniform of the same seed. "
+             "The search saw only held-out calibration examples, never the test paragraphs.", ""]
+    columns = list(PLANNER_COLUMNS)
+    for task in TASKS:
+        trows = [r for r in rows if r["task"] == task]
+        if not trows:
+            continue
+        table = []
+        for algo in ("wanda", "sparsegpt"):
+            for sp in sorted({r["sparsity"] for r in trows if r["algorithm"] == algo}):
+                cell = [r for r in trows if r["algorithm"] == algo and r["sparsity"] == sp]
+                if not cell:
+                    continue
+                line = [algo, f"{sp:.2f}"]
+                for col in columns:
+                    by_seed = {r["seed"]: r for r in cell if r["variant"] == col}
+                    if not by_seed:
+                        line.append("–")
+                        continue
+                    txt = []
+                    for seed, r in sorted(by_seed.items()):
+                        uni = next((u for u in cell if u["variant"] == "plan_uniform" and u["seed"] == seed), None)
+                        delta = f" ({100 * (r['ppl'] / uni['ppl'] - 1):+.1f} %)" if uni and col != "plan_uniform" \
+                            else ""
+                        txt.append(f"{r['ppl']:.2f}{delta}")
+                    line.append(" / ".join(txt))
+                auto = next((r for r in cell if r["variant"] == "plan_auto"), None)
+                if auto:
+                    cost = auto["search"]
+                    line.append(f"{auto['chosen']['provider']}; {cost['plan_prunes']} prunes + "
+                                f"{cost['layer_prunes']} layer prunes, {cost['plan_s'] / 60:.1f} min")
+                table.append(line)
+        head = ["algorithm", "target", *[PLANNER_LABELS[c] for c in columns], "auto chose; search cost"]
+        d = dense.get(task)
+        parts += [f"### {task}" + (f" (dense {d['ppl']:.3f})" if d else ""), "", markdown_table(head, table), ""]
+        for r in trows:
+            if r["variant"] == "plan_auto" and r["search"].get("why"):
+                parts.append(f"- {r['algorithm']} {r['sparsity']:.2f} seed {r['seed']}: "
+                             + "; ".join(r["search"]["why"]))
+        parts.append("")
+    return parts
 
 
 def seed_groups(rows: list[dict[str, Any]]) -> dict[tuple, dict[int, float]]:

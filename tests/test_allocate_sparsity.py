@@ -171,8 +171,9 @@ def test_dispatch_by_direction():
         assert sparsity_from_scores(scores, direction, [1, 2, 3], 0.6, 0.05) == layerwise_sparsity(
             scores, [1, 2, 3], 0.6, 0.05)
     # one list of allocation names, with each reference's spread
-    assert ALLOCATIONS == ("layerif", "owl", "alpha_hill", "depth_ramp", "uniform") == tuple(REFERENCE_EPSILON)
-    assert [default_epsilon(a) for a in ALLOCATIONS] == [0.1, 0.08, 0.2, 0.1, 0.0]
+    assert tuple(REFERENCE_EPSILON) == ("layerif", "owl", "alpha_hill", "depth_ramp", "uniform")
+    assert ALLOCATIONS == (*REFERENCE_EPSILON, "atp", "sensitivity", "auto")  # + the planner's searched ones
+    assert [default_epsilon(a) for a in REFERENCE_EPSILON] == [0.1, 0.08, 0.2, 0.1, 0.0]
 
 
 # ----------------------------------------------------------------------------- inverted mapping, epsilon auto

@@ -168,7 +168,7 @@ def test_every_recipe_parses_to_the_right_modifier():
     from llmcompressor.recipe import Recipe
 
     files = sorted(RECIPES.glob("*.yaml"))
-    assert len(files) == 20
+    assert len(files) == 32
     for path in files:
         algo, pct = path.stem.split("_")[0], path.stem.split("_")[-1]
         alloc = path.stem[len(algo) + 1: -len(pct) - 1]
@@ -479,25 +479,33 @@ def test_epsilon_auto_options_refused_without_auto(stories_dir, tinystories_trai
 
 
 def test_search_tie_rule_and_holdout_split():
-    from layerif_plugins.integrations.llmcompressor.search import (
-        Candidate,
-        batches_to_examples,
-        candidates,
-        choose,
-        holdout_positions,
-        split_batches,
-    )
+    from layerif_plugins.integrations.llmcompressor.search import batches_to_examples, holdout_positions, split_batches
+    from layerif_plugins.plan import Evaluation, plan_allocation
+    from layerif_plugins.plan.providers import Proposal, Provider
 
-    assert candidates([0.3, 0.1, 0.0]) == [(0.0, False), (0.1, False), (0.1, True), (0.3, False), (0.3, True)]
-    sweep = [Candidate(0.0, False, perplexity=10.0), Candidate(0.1, False, perplexity=10.0),
-             Candidate(0.1, True, perplexity=9.5), Candidate(0.2, False, perplexity=9.5)]
-    assert choose(sweep) == 2  # the lowest; among equals the earliest
-    assert choose(sweep[:2]) == 0  # a tie with uniform keeps uniform
-    failed = [Candidate(0.0, False, perplexity=10.0), Candidate(0.3, False, error="above the cap"),
-              Candidate(0.3, True, perplexity=math.nan)]
-    assert choose(failed) == 0
+    class Fixed(Provider):
+        """Candidates with given held-out losses (one example each side of the pairing: two equal examples)."""
+
+        def __init__(self, name: str, losses: list[tuple[list[float] | None, float]]):
+            self.name, self.losses = name, losses
+
+        def propose(self, mine, everything):
+            return [] if mine else [Proposal(self.name, {"k": i}, ls, None if ls else "above the cap")
+                                    for i, (ls, _) in enumerate(self.losses)]
+
+    losses = {(0.5, 0.5): 10.0, (0.4, 0.6): 10.0, (0.6, 0.4): 9.5, (0.45, 0.55): 9.5, (0.3, 0.7): math.nan}
+
+    def evaluate(ls):
+        return Evaluation([losses[tuple(ls)]] * 2, [1, 1])
+
+    sweep = Fixed("x", [([0.5, 0.5], 0), ([0.4, 0.6], 0), ([0.6, 0.4], 0), ([0.45, 0.55], 0)])
+    assert plan_allocation([sweep], evaluate).chosen == 2  # the lowest; among equals the earliest
+    tie = Fixed("x", [([0.5, 0.5], 0), ([0.4, 0.6], 0)])
+    assert plan_allocation([tie], evaluate).chosen == 0  # a tie with uniform (first) keeps uniform
+    failed = Fixed("x", [([0.5, 0.5], 0), (None, 0), ([0.3, 0.7], 0)])
+    assert plan_allocation([failed], evaluate).chosen == 0
     with pytest.raises(AllocationError, match="no candidate"):
-        choose([Candidate(0.0, False, perplexity=math.inf)])
+        plan_allocation([Fixed("x", [([0.3, 0.7], 0)])], evaluate)
     assert holdout_positions(16, 0.125) == [4, 12] and holdout_positions(8, 2) == [2, 6]
     assert holdout_positions(10, 3) == [1, 5, 8]
     with pytest.raises(DataError, match="holds out 4 of 4"):

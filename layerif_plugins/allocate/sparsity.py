@@ -36,8 +36,15 @@ MAX_SPARSITY = 0.99
 #: (score = layer index, METHOD.md §5) was measured with ε = 0.1; uniform has none.
 REFERENCE_EPSILON: dict[str, float] = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "depth_ramp": 0.1,
                                        "uniform": 0.0}
-#: the allocation names, in the order the CLI and docs list them
-ALLOCATIONS: tuple[str, ...] = tuple(REFERENCE_EPSILON)
+#: allocations whose per-layer list comes from a scores file through a spread (§2b or OWL's mapping)
+SCORE_ALLOCATIONS: tuple[str, ...] = ("layerif", "owl", "alpha_hill", "depth_ramp")
+#: allocations that are always chosen by evaluating candidates on held-out calibration data (the planner,
+#: layerif_plugins/plan): the measured per-layer sensitivity, and ``auto`` (every provider, the simplest kept
+#: unless another wins beyond the noise)
+SEARCHED_ALLOCATIONS: tuple[str, ...] = ("sensitivity", "auto")
+#: every allocation name, in the order the CLI and docs list them (``atp``: ATP's arithmetic progression over
+#: depth, its slope searched unless given)
+ALLOCATIONS: tuple[str, ...] = (*REFERENCE_EPSILON, "atp", *SEARCHED_ALLOCATIONS)
 
 
 #: ``epsilon: auto``: the spreads tried (0 = uniform, always tried first; the allocation's
@@ -261,6 +268,8 @@ def sparsity_from_scores(
 
 __all__ = [
     "ALLOCATIONS",
+    "SCORE_ALLOCATIONS",
+    "SEARCHED_ALLOCATIONS",
     "AUTO",
     "AUTO_EPSILONS",
     "MAX_SPARSITY",

@@ -172,23 +172,36 @@ def perplexity(
 
 
 @torch.no_grad()
+def example_token_losses(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 16
+                         ) -> tuple[list[float], list[int]]:
+    """Per example: the summed next-token cross-entropy (nats, padding excluded) and its token count.
+
+    The unit of paired comparisons between pruned candidates (layerif_plugins/plan/decide.py):
+    every candidate is scored on the same examples, so differences can be taken example by example.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    counts: list[int] = []
+    for batch in batches(examples, batch_size, pad_id):
+        b = batch.to(device)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()
+        target = b.labels[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
+        sums += [float(x) for x in nll.sum(dim=1)]
+        counts += [int(x) for x in (target != IGNORE_INDEX).sum(dim=1)]
+    model.train(was_training)
+    if sum(counts) == 0:
+        raise DataError("the examples hold no predictable tokens")
+    return sums, counts
+
+
 def mean_token_loss(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 16) -> tuple[float, int]:
     """Token-weighted mean next-token cross-entropy (nats/token, padding excluded) and the token count.
 
     The held-out metric of fine-tuning and healing runs (examples as given, no rolling windows).
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches(examples, batch_size, pad_id):
-        b = batch.to(device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()
-        target = b.labels[:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((target != IGNORE_INDEX).sum())
-    model.train(was_training)
-    if count == 0:
-        raise DataError("the examples hold no predictable tokens")
-    return total / count, count
+    sums, counts = example_token_losses(model, examples, pad_id, batch_size)
+    return sum(sums) / sum(counts), sum(counts)

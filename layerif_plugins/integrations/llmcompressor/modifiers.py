@@ -11,33 +11,33 @@ Sample yaml::
       sparsity_modifiers:
         LayerIFWandaPruningModifier:
           sparsity: 0.7                    # global target: parameter-weighted mean over the blocks
-          allocation: layerif              # layerif | owl | alpha_hill | uniform
+          allocation: layerif              # layerif | owl | alpha_hill | depth_ramp | uniform
+                                           # | atp | sensitivity | auto (docs/pruning.md §4)
           scores: $LAYERIF_SCORES          # LayerScores JSON (env vars and ~ expanded)
           epsilon: 0.1                     # spread [1-ε, 1+ε] (OWL's λ for owl); default: the reference's
                                            # or `auto`: searched on held-out calibration data (search.py)
 
-What happens in ``on_initialize`` (before any weight is touched):
+What happens in ``on_initialize`` (before any weight is touched) is host glue only, as in
+llm-compressor's own ``wanda/base.py``: the decision is a plan (:mod:`layerif_plugins.plan`).
 
 * ``targets`` left out (``None``, also in a dumped recipe, which drops ``None`` fields) or
   given as llm-compressor's own default ``Linear`` means the model's decoder-block class
   (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` … from
   :func:`layerif_plugins.models.block_class_name`): a per-layer list only lines up with
-  block targets, and a block target prunes every Linear inside it, which is what
-  ``Linear`` asks for; ``re:.*lm_head`` is always ignored. The resolved value is stored,
-  so the ``recipe.yaml`` written after the run names it.
-* the scores file is read through :func:`~layerif_plugins.scorers.resolve_scores`: its
-  method must equal ``allocation`` and it is checked against the model's fingerprint (a
-  file for another model is refused, naming the differing field);
-* without a scores file, ``alpha_hill`` is computed from the weights (the registry's
-  scorer) and ``owl`` from llm-compressor's calibration dataloader (one extra forward pass
-  over it, as llm-compressor's own OWL does); ``layerif`` needs a file (``layerif score``);
-* the per-layer list is :func:`~layerif_plugins.allocate.sparsity.sparsity_from_scores`
-  with the scores' direction (docs/method.md §2b; OWL's mapping for protect scores such as
-  ``owl``; ``invert: true`` reverses it) and the block sizes as weights;
-* ``epsilon: auto`` first runs the search of :mod:`.search` (one pruning pass per
-  candidate ε × direction, each undone) and stores the winner in ``epsilon`` / ``invert``,
-  so the saved recipe reruns the chosen setting in one pass; the sweep is in
-  ``allocation_info["epsilon_search"]``.
+  block targets; ``re:.*lm_head`` is always ignored. The resolved value is stored, so the
+  ``recipe.yaml`` written after the run names it.
+* the per-layer list comes from a plan given beforehand (:meth:`use_plan`, ``plan:`` a
+  file), an explicit ``layer_sparsity``, or a plan made here by
+  :func:`~layerif_plugins.integrations.llmcompressor.planning.make_plan` from the
+  allocation options: a fixed mapping of the scores (read through
+  :func:`~layerif_plugins.scorers.resolve_scores` and checked against the model; ``owl``
+  from the calibration batches, ``alpha_hill`` from the weights, ``depth_ramp`` = the layer
+  index) needs no search; ``epsilon: auto``, ``atp`` without ``beta``, ``sensitivity`` and
+  ``auto`` judge candidates on ``holdout`` calibration batches, each pruned by the stock
+  modifier in a separate session and undone;
+* the plan is checked (model, target, algorithm, pruned modules) and its list stored in
+  ``layer_sparsity`` (and the chosen ε / direction in ``epsilon`` / ``invert``), so the saved
+  recipe reruns the choice in one pass.
 
 Field values are checked by pydantic validators, so a bad value raises pydantic's
 ``ValidationError`` (a ``ValueError``) at construction, like every upstream modifier;
@@ -68,17 +68,18 @@ from pydantic import PrivateAttr, ValidationError, field_validator, model_valida
 from layerif_plugins.allocate.sparsity import (
     ALLOCATIONS,
     AUTO,
-    check_epsilon,
+    REFERENCE_EPSILON,
+    SEARCHED_ALLOCATIONS,
     check_target,
     default_epsilon,
-    search_grid,
-    sparsity_from_scores,
     weighted_mean,
 )
 from layerif_plugins.data import Examples
 from layerif_plugins.errors import AllocationError, ConfigError, LayerIFError
 from layerif_plugins.integrations.llmcompressor import search
-from layerif_plugins.models import block_class_name, blocks_prefix, decoder_blocks
+from layerif_plugins.integrations.llmcompressor.planning import make_plan
+from layerif_plugins.models import block_class_name, blocks_prefix, decoder_blocks, fingerprint
+from layerif_plugins.plan import AllocationOptions, AllocationPlan, check_field
 from layerif_plugins.scores import LayerScores
 
 logger = logging.getLogger(__name__)
@@ -88,14 +89,16 @@ Allocation = Literal[ALLOCATIONS]  # type: ignore[valid-type]
 LM_HEAD_IGNORE = "re:.*lm_head"
 #: llm-compressor's own ``targets`` default: every Linear, which inside decoder blocks is what a block target prunes
 UPSTREAM_TARGETS = ("Linear",)
+#: the modifier fields that are AllocationOptions' fields (validated by the same checks)
+OPTION_FIELDS: tuple[str, ...] = tuple(AllocationOptions.__dataclass_fields__)
 
 
-def resolve_scores_path(value: str) -> Path:
-    """Expand ``~`` and environment variables (``$LAYERIF_SCORES``) in a recipe's scores path."""
+def resolve_scores_path(value: str, what: str = "scores") -> Path:
+    """Expand ``~`` and environment variables (``$LAYERIF_SCORES``) in a recipe's scores / plan path."""
     expanded = os.path.expanduser(os.path.expandvars(value))
     if "$" in expanded:
         raise ConfigError(
-            f"scores path {value!r} names an environment variable that is not set; "
+            f"{what} path {value!r} names an environment variable that is not set; "
             f"export it (e.g. LAYERIF_SCORES=path/to/scores.json) or write the path in the recipe"
         )
     return Path(expanded).resolve()
@@ -139,10 +142,11 @@ def params_per_layer(modules: Iterable[tuple[int, str, torch.nn.Module]], num_la
     return counts
 
 
-def _compute_owl(model: torch.nn.Module, dataloader: Any, show_progress: bool = False) -> LayerScores:
+def _compute_owl(model: torch.nn.Module, batches: list[search.Batch] | None, show_progress: bool = False
+                 ) -> LayerScores:
     from layerif_plugins.scorers.owl import owl_layer_scores
 
-    if dataloader is None or len(dataloader) == 0:
+    if not batches:
         raise ConfigError(
             "allocation 'owl' without a scores file computes outlier ratios from the calibration data, but "
             "oneshot got none: pass dataset=…, or a scores file from `layerif score --method owl`"
@@ -150,10 +154,66 @@ def _compute_owl(model: torch.nn.Module, dataloader: Any, show_progress: bool = 
     was_training = model.training
     model.eval()
     try:
-        source = {"calib": {"source": "llm-compressor calibration dataloader", "batches": len(dataloader)}}
-        return owl_layer_scores(model, dataloader, show_progress=show_progress, data=source)
+        source = {"calib": {"source": "llm-compressor calibration dataloader", "batches": len(batches)}}
+        it = ({k: torch.as_tensor(v) for k, v in b.items()} for b in batches)
+        return owl_layer_scores(model, it, show_progress=show_progress, data=source)
     finally:
         model.train(was_training)
+
+
+def explicit_plan(model: torch.nn.Module, layer_sparsity: list[float], params: list[int], target: float,
+                  algorithm: str, allocation: str) -> AllocationPlan:
+    """A plan holding a per-layer list given as is (a saved recipe's ``layer_sparsity``), checked on the way."""
+    if len(layer_sparsity) != len(params):
+        raise ConfigError(f"layer_sparsity has {len(layer_sparsity)} entries for a model with {len(params)} decoder "
+                          "layers; give one per layer")
+    mean = weighted_mean(layer_sparsity, params)
+    if abs(mean - target) > 1e-6:
+        raise ConfigError(f"layer_sparsity averages {mean:.6f} (parameter-weighted) but sparsity is {target}; "
+                          "they must agree")
+    return AllocationPlan(layer_sparsity=[float(x) for x in layer_sparsity], target=target, algorithm=algorithm,
+                          allocation=allocation, chosen={"provider": "explicit", "knobs": {}, "index": 0},
+                          model=fingerprint(model), params_per_layer=params,
+                          decision={"rule": "explicit layer_sparsity (no search)", "why": []})
+
+
+def allocation_info(modifier: LayerIFSparsityModifierBase, plan: AllocationPlan, params: list[int],
+                    seconds: float) -> dict[str, Any]:
+    """What ``prune_model`` reports about the allocation (and the pre-planner ``epsilon_search`` view)."""
+    searched = None
+    if plan.candidates and plan.options.get("epsilon") == AUTO:
+        sweep = [{"epsilon": (c.get("knobs") or {}).get("epsilon", 0.0) if c["provider"] != "uniform" else 0.0,
+                  "invert": bool((c.get("knobs") or {}).get("invert", False)), "layer_sparsity": c["layer_sparsity"],
+                  "loss": c.get("loss"), "perplexity": c.get("perplexity"), "seconds": c.get("seconds", 0.0),
+                  "same_as": c.get("same_as"), "error": c.get("error")} for c in plan.candidates]
+        chosen = plan.chosen["index"]
+        searched = {
+            "chosen": {"epsilon": sweep[chosen]["epsilon"], "invert": sweep[chosen]["invert"], "index": chosen},
+            "uniform_perplexity": sweep[0]["perplexity"], "chosen_perplexity": sweep[chosen]["perplexity"],
+            "gain_vs_uniform": (sweep[0]["perplexity"] or 0.0) - (sweep[chosen]["perplexity"] or 0.0),
+            "pruning_passes": plan.cost.get("prunes"), "tie_rule": plan.decision.get("rule"), "sweep": sweep,
+            "grid": sorted({c["epsilon"] for c in sweep}),
+            "holdout": {"from": plan.data.get("holdout_from"), **(plan.data.get("holdout") or {}),
+                        **(plan.data.get("holdout_file") or {})},
+            "pruning_batches": plan.data.get("pruning_batches"),
+            "seconds": plan.cost.get("seconds"),
+        }
+    scores = plan.scores or {}
+    return {
+        "allocation": modifier.allocation,
+        "epsilon": modifier.epsilon,
+        "invert": modifier.invert,
+        "target": float(modifier.sparsity),
+        "scores_path": modifier.scores,
+        "scores_method": scores.get("method", "uniform" if modifier.allocation == "uniform" else modifier.allocation),
+        "scores": scores.get("scores"),
+        "params_per_layer": params,
+        "layer_sparsity": list(plan.layer_sparsity),
+        "weighted_mean": weighted_mean(plan.layer_sparsity, params),
+        "epsilon_search": searched,
+        "plan": plan.to_dict(),
+        "seconds": seconds,
+    }
 
 
 def build_modifier(cls: type[SparsityModifierBase], **fields: Any) -> SparsityModifierBase:
@@ -176,24 +236,33 @@ def build_modifier(cls: type[SparsityModifierBase], **fields: Any) -> SparsityMo
 class LayerIFSparsityModifierBase(SparsityModifierBase):
     """Shared logic of the LayerIF Wanda / SparseGPT modifiers (see the module docstring).
 
+    The allocation options are :class:`~layerif_plugins.plan.AllocationOptions`' fields
+    (one set of checks for the CLI, ``prune_model`` and these modifiers):
+
     :param sparsity: global target sparsity in (0, 1): the parameter-weighted mean over the blocks
-    :param allocation: ``layerif`` | ``owl`` | ``alpha_hill`` | ``depth_ramp`` | ``uniform``
+    :param allocation: ``layerif`` | ``owl`` | ``alpha_hill`` | ``depth_ramp`` | ``uniform`` | ``atp`` |
+        ``sensitivity`` | ``auto``
     :param scores: LayerScores JSON path (``~`` and ``$VARS`` expanded); required for
         ``layerif``, optional for the others (``owl`` from the calibration data,
-        ``alpha_hill`` from the weights, ``depth_ramp`` = the layer index)
-    :param epsilon: relative spread: ratios in ``[1-ε, 1+ε]`` before rescaling (OWL's λ
-        for ``allocation: owl``); default: the reference's value for the allocation
-        (layerif 0.1, owl 0.08, alpha_hill 0.2, depth_ramp 0.1); ``auto``: searched
-        (see :mod:`.search`), the winner replaces ``auto`` after initialisation
+        ``alpha_hill`` from the weights, ``depth_ramp`` = the layer index); for ``auto`` a
+        LayerIF file adds LayerIF as one more candidate
+    :param plan: an :class:`~layerif_plugins.plan.AllocationPlan` JSON (``layerif plan``): its
+        per-layer list is used as is, after checking model, target, algorithm and modules
+    :param layer_sparsity: an explicit per-layer list (what a plan chose; the saved recipe of
+        a planned run records it, so the recipe reruns without searching)
+    :param epsilon: spread ``[1-ε, 1+ε]`` (OWL's λ); default: the reference's; ``auto``: searched
     :param invert: reverse the mapping (more sparsity where the scores say less)
-    :param epsilon_grid: the spreads ``auto`` tries (default 0, 0.05, 0.1, 0.2, 0.3; 0 and
-        the reference spread are always added), each as scored and inverted
-    :param holdout: calibration batches ``auto`` holds out for the perplexity: a count, or
+    :param epsilon_grid: the spreads ``epsilon: auto`` tries (0 and the reference's always added)
+    :param beta: ATP's slope; None = searched
+    :param budget_prunes / budget_seconds: the most a search may spend
+    :param sigmas: ``auto``'s margin in paired standard errors
+    :param holdout: calibration batches a search holds out for the held-out loss: a count, or
         a fraction of the batches (evenly spaced); the other batches prune the candidates
     :param targets: ``None`` (default) or ``Linear``: the model's decoder blocks
     """
 
-    _stock: ClassVar[type[SparsityModifierBase]]  # the upstream modifier the search runs per candidate
+    _stock: ClassVar[type[SparsityModifierBase]]  # the upstream modifier the planner runs per candidate
+    _algorithm: ClassVar[str]
 
     targets: str | list[str] | None = None
     # upstream's default False turns into True on every reload (its deprecation validator), so
@@ -201,15 +270,26 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
     sequential_update: bool | None = True
     allocation: Allocation = "layerif"
     scores: str | None = None
+    plan: str | None = None
+    layer_sparsity: list[float] | None = None
     epsilon: float | Literal["auto"] | None = None
     invert: bool = False
     epsilon_grid: list[float] | None = None
+    beta: float | None = None
+    budget_prunes: int | None = None
+    budget_seconds: float | None = None
+    sigmas: float = 2.0
+    sensitivity_step: float = 0.05
+    sensitivity_levels: int = 3
+    sensitivity_examples: int = 16
+    max_moves: int = 8
     holdout: int | float = 0.125
 
-    _layer_sparsity: list[float] = PrivateAttr(default_factory=list)
     _allocation_info: dict[str, Any] = PrivateAttr(default_factory=dict)
     _show_progress: bool = PrivateAttr(default=False)
     _holdout_examples: Examples | None = PrivateAttr(default=None)
+    _plan: AllocationPlan | None = PrivateAttr(default=None)
+    _journal: str | None = PrivateAttr(default=None)
 
     @field_validator("sparsity", mode="after")
     @classmethod
@@ -220,19 +300,10 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
             )
         return check_target(value)
 
-    @field_validator("epsilon", mode="after")
+    @field_validator(*OPTION_FIELDS, mode="after")
     @classmethod
-    def validate_epsilon(cls, value: float | str | None) -> float | str | None:
-        return check_epsilon(value)
-
-    @field_validator("epsilon_grid", mode="after")
-    @classmethod
-    def validate_epsilon_grid(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None:
-            if not value:
-                raise AllocationError("epsilon_grid is empty; leave it out for the default grid")
-            value = [check_epsilon(v, "epsilon_grid value") for v in value]  # type: ignore[misc]
-        return value
+    def validate_option(cls, value: Any, info: Any) -> Any:
+        return check_field(info.field_name, value)
 
     @field_validator("holdout", mode="after")
     @classmethod
@@ -257,99 +328,142 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
             )
         if self.allocation == "uniform" and self.scores is not None:
             raise ConfigError("allocation 'uniform' uses no scores; remove `scores` or choose another allocation")
-        if self.epsilon is None:
+        self.options()  # cross-field checks, once
+        if self.epsilon is None and self.allocation in REFERENCE_EPSILON:
             self.epsilon = default_epsilon(self.allocation)
         return self
 
+    def options(self) -> AllocationOptions:
+        """The allocation options of this modifier (validated by :class:`AllocationOptions`)."""
+        return AllocationOptions(**{name: getattr(self, name) for name in OPTION_FIELDS})
+
     # ----------------------------------------------------------------- results
 
-    @property
-    def layer_sparsity(self) -> list[float]:
-        """The per-decoder-layer sparsities computed at initialisation (layer 0 first)."""
-        return list(self._layer_sparsity)
-
     def show_progress(self, enabled: bool = True) -> LayerIFSparsityModifierBase:
-        """Progress bars for the scores this modifier computes itself (OWL activations, ESD fits)."""
+        """Progress bars of the planning this modifier runs itself (scores, candidates, sensitivity)."""
         self._show_progress = enabled
         return self
 
     def use_holdout(self, examples: Examples) -> LayerIFSparsityModifierBase:
-        """Held-out examples for ``epsilon: auto`` instead of batches taken out of the calibration data.
-
-        ``prune_model`` passes the calibration file's next examples here, so every
-        calibration batch prunes and the held-out slice is disjoint by construction.
-        Not part of the recipe (a recipe rerun holds out ``holdout`` batches instead).
-        """
+        """Held-out examples for a search instead of batches taken out of the calibration data."""
         self._holdout_examples = examples
         return self
 
+    def use_plan(self, plan: AllocationPlan) -> LayerIFSparsityModifierBase:
+        """A plan made beforehand (``prune_model`` plans before its one ``oneshot``); checked at initialisation."""
+        self._plan = plan
+        return self
+
+    def journal(self, path: str | None) -> LayerIFSparsityModifierBase:
+        """A file where the search records finished candidates, so an interrupted run resumes."""
+        self._journal = path
+        return self
+
+    @property
+    def allocation_plan(self) -> AllocationPlan | None:
+        return self._plan
+
     @property
     def allocation_info(self) -> dict[str, Any]:
-        """Where the allocation came from: scores method/path/values, block sizes, timing, the ε search."""
+        """Where the allocation came from: scores method/path/values, block sizes, timing, the plan."""
         return dict(self._allocation_info)
 
     # ----------------------------------------------------------------- lifecycle
 
-    def on_initialize(self, state: State, **kwargs: Any) -> bool:
-        model = state.model
-        t0 = time.perf_counter()
+    def resolve_targets(self, model: torch.nn.Module) -> tuple[list[tuple[int, str, torch.nn.Module]], list[int]]:
+        """Block targets and ``lm_head`` ignored (see the module docstring); the pruned modules and block sizes."""
         if self.targets is None or self.targets in (UPSTREAM_TARGETS[0], list(UPSTREAM_TARGETS)):
             self.targets = [block_class_name(model)]
         if not any(str(i).endswith("lm_head") for i in self.ignore):
             self.ignore = [*self.ignore, LM_HEAD_IGNORE]
         modules = prunable_modules(model, self.targets, self.ignore)
-        num_layers = len(decoder_blocks(model))
-        params = params_per_layer(modules, num_layers)
+        params = params_per_layer(modules, len(decoder_blocks(model)))
         if any(p == 0 for p in params):
             raise ConfigError(f"decoder layers {[i for i, p in enumerate(params) if p == 0]} have nothing to prune "
                               f"after ignore={self.ignore}")
-        dataloader = state.data.calib if state.data is not None else None
-        layer_scores = self._layer_scores(model, dataloader)
-        target = float(self.sparsity)
+        return modules, params
 
-        def allocate(epsilon: float, invert: bool) -> list[float]:
-            if layer_scores is None:
-                return [target] * num_layers
-            return sparsity_from_scores(layer_scores.scores, layer_scores.direction, params, target,
-                                        epsilon=epsilon, invert=invert)
-
-        searched = None
-        if self.epsilon == AUTO:
-            searched = self._search_epsilon(model, [m for _, _, m in modules], allocate, dataloader,
-                                            kwargs.get("sequential_targets"))
-            self.epsilon, self.invert = searched["chosen"]["epsilon"], searched["chosen"]["invert"]
-        sparsities = allocate(float(self.epsilon), self.invert)  # type: ignore[arg-type]
-        self._layer_sparsity = sparsities
-        self._allocation_info = {
-            "allocation": self.allocation,
-            "epsilon": self.epsilon,
-            "invert": self.invert,
-            "target": target,
-            "scores_path": self.scores,
-            "scores_method": layer_scores.method if layer_scores else "uniform",
-            "scores": layer_scores.scores if layer_scores else None,
-            "params_per_layer": params,
-            "layer_sparsity": sparsities,
-            "weighted_mean": weighted_mean(sparsities, params),
-            "epsilon_search": searched,
-            "seconds": time.perf_counter() - t0,
-        }
-        logger.info("%s allocation, target %.4f, epsilon %s%s: per-layer sparsity %s", self.allocation, target,
-                    self.epsilon, " (inverted)" if self.invert else "", [round(s, 4) for s in sparsities])
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        t0 = time.perf_counter()
+        modules, params = self.resolve_targets(state.model)
+        plan = self._plan or self._read_or_make_plan(state, modules, params, kwargs.get("sequential_targets"))
+        plan.check(state.model, target=float(self.sparsity), algorithm=self._algorithm, params_per_layer=params)
+        self._plan = plan
+        self.layer_sparsity = list(plan.layer_sparsity)  # the saved recipe reruns this list without searching
+        knobs = plan.chosen.get("knobs") or {}
+        if self.epsilon == AUTO:  # as before: the recipe records the chosen ε / direction (0: uniform won)
+            self.epsilon, self.invert = float(knobs.get("epsilon") or 0.0), bool(knobs.get("invert"))
+        self._allocation_info = allocation_info(self, plan, params, time.perf_counter() - t0)
+        logger.info("%s allocation, target %.4f: per-layer sparsity %s", self.allocation, float(self.sparsity),
+                    [round(s, 4) for s in self.layer_sparsity])
         return super().on_initialize(state, **kwargs)
 
-    def _layer_scores(self, model: torch.nn.Module, dataloader: Any) -> LayerScores | None:
+    def _read_or_make_plan(self, state: State, modules: list[tuple[int, str, torch.nn.Module]], params: list[int],
+                           sequential_targets: Any) -> AllocationPlan:
+        if self.plan is not None:
+            return AllocationPlan.load(resolve_scores_path(self.plan, "plan"))
+        if self.layer_sparsity is not None:
+            return explicit_plan(state.model, self.layer_sparsity, params, float(self.sparsity), self._algorithm,
+                                 self.allocation)
+        needs_data = self.options().searched or (self.allocation == "owl" and self.scores is None)
+        dataloader = state.data.calib if state.data is not None else None
+        batches = search.materialize(dataloader) if needs_data else None
+        return self.plan_for_model(state.model, batches, self._holdout_examples, sequential_targets)
+
+    def plan_for_model(self, model: torch.nn.Module, batches: list[search.Batch] | None,
+                       held: Examples | None = None, sequential_targets: Any = None) -> AllocationPlan:
+        """This modifier's plan on ``model`` (weights restored after every candidate), without a ``oneshot``.
+
+        ``batches`` are the calibration batches; a search prunes its candidates with them
+        and measures on ``held`` (or, without it, on ``holdout`` batches taken out of them).
+        """
+        modules, params = self.resolve_targets(model)
+        options = self.options()
+        prune_batches, held, data = self._split_for_search(batches, held) if options.searched else (batches, None, {})
+        return make_plan(model, options=options, algorithm=self._algorithm, target=float(self.sparsity),
+                         modules=modules, params=params, scores=self._layer_scores(model, batches),
+                         make_modifier=self.stock_modifier, fields=self.algorithm_fields(),
+                         prune_batches=prune_batches, held=held, data=data, sequential_targets=sequential_targets,
+                         journal_path=self._journal, show_progress=self._show_progress)
+
+    def _split_for_search(self, batches: list[search.Batch] | None, held: Examples | None
+                          ) -> tuple[list[search.Batch], Examples, dict[str, Any]]:
+        if not batches:
+            raise ConfigError(f"allocation {self.allocation!r} judges candidates on held-out calibration data, but "
+                              "got no calibration data: pass dataset=… (oneshot) or calib (prune_model)")
+        if held is not None:
+            return batches, held, {"holdout_from": held.source or "held-out examples (not calibration batches)"}
+        positions = search.holdout_positions(len(batches), self.holdout)
+        prune_batches, held_batches = search.split_batches(batches, positions)
+        held = search.batches_to_examples(held_batches, "held-out calibration batches")
+        return prune_batches, held, {"holdout_from": "calibration batches", "positions": positions,
+                                     "of_batches": len(batches)}
+
+    def algorithm_fields(self) -> dict[str, Any]:
+        """The stock modifier's own fields (SparseGPT's block_size, dampening_frac …) as set here."""
+        names = set(self._stock.model_fields) - set(SparsityModifierBase.model_fields)
+        return {k: getattr(self, k) for k in sorted(names)}
+
+    def stock_modifier(self, layer_sparsity: list[float]) -> SparsityModifierBase:
+        """llm-compressor's own modifier with this per-layer list (what the planner prunes each candidate with)."""
+        return self._stock(sparsity=list(layer_sparsity), targets=self.targets, ignore=self.ignore,
+                           **self.algorithm_fields())
+
+    def _layer_scores(self, model: torch.nn.Module, batches: list[search.Batch] | None) -> LayerScores | None:
         from layerif_plugins.scorers import get_scorer, resolve_scores
 
-        if self.allocation == "uniform":
+        if self.allocation in ("uniform", "atp"):
             return None
         if self.scores is not None:
             path = resolve_scores_path(self.scores)
-            scores = resolve_scores(model, self.allocation, path, role="allocation")
+            method = "layerif" if self.allocation in SEARCHED_ALLOCATIONS else self.allocation
+            scores = resolve_scores(model, method, path, role="allocation")
             self.scores = str(path)  # the saved recipe records the resolved file
             return scores
-        if self.allocation == "owl":  # OWL's outlier ratios from llm-compressor's calibration dataloader
-            return _compute_owl(model, dataloader, self._show_progress)
+        if self.allocation in SEARCHED_ALLOCATIONS:
+            return None
+        if self.allocation == "owl":  # OWL's outlier ratios from llm-compressor's calibration data
+            return _compute_owl(model, batches, self._show_progress)
         spec = get_scorer(self.allocation)
         if spec.needs:
             raise ConfigError(
@@ -360,36 +474,11 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         # data-free scorers (alpha_hill: the weight spectra; depth_ramp: the layer index)
         return resolve_scores(model, self.allocation, **spec.accepted(show_progress=self._show_progress))
 
-    def _search_epsilon(self, model: torch.nn.Module, modules: list[torch.nn.Module], allocate: search.Allocator,
-                        dataloader: Any, sequential_targets: Any) -> dict[str, Any]:
-        batches = search.materialize(dataloader)
-        if self._holdout_examples is not None:
-            prune_batches, held = batches, self._holdout_examples
-            holdout = {"from": "examples given to use_holdout (not calibration batches)", **held.fingerprint()}
-        else:
-            positions = search.holdout_positions(len(batches), self.holdout)
-            prune_batches, held_batches = search.split_batches(batches, positions)
-            held = search.batches_to_examples(held_batches, "held-out calibration batches")
-            holdout = {"from": "calibration batches", "positions": positions, "of_batches": len(batches),
-                       **held.fingerprint()}
-        stock = self._stock
-        algorithm_fields = set(stock.model_fields) - set(SparsityModifierBase.model_fields)
-
-        def make_modifier(layer_sparsity: list[float]) -> SparsityModifierBase:
-            return stock(sparsity=layer_sparsity, targets=self.targets, ignore=self.ignore,
-                         **{k: getattr(self, k) for k in algorithm_fields})
-
-        result = search.run_search(model, modules, allocate, make_modifier, prune_batches, held,
-                                   search_grid(self.allocation, self.epsilon_grid), sequential_targets)
-        result["holdout"] = holdout
-        result["pruning_batches"] = len(prune_batches)
-        return result
-
     def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
         # Upstream reads a per-target list from `sparsity`; swap it in only while hooks are
         # registered so the public field (and the saved recipe) keeps the global target.
         target = self.sparsity
-        self.sparsity = list(self._layer_sparsity)
+        self.sparsity = list(self.layer_sparsity or [])
         try:
             super().on_calibration_start(state, event, **kwargs)
         finally:
@@ -414,6 +503,7 @@ class LayerIFWandaPruningModifier(LayerIFSparsityModifierBase, WandaPruningModif
     """
 
     _stock: ClassVar[type[SparsityModifierBase]] = WandaPruningModifier
+    _algorithm: ClassVar[str] = "wanda"
 
 
 class LayerIFSparseGPTModifier(LayerIFSparsityModifierBase, SparseGPTModifier):
@@ -433,6 +523,7 @@ class LayerIFSparseGPTModifier(LayerIFSparsityModifierBase, SparseGPTModifier):
     """
 
     _stock: ClassVar[type[SparsityModifierBase]] = SparseGPTModifier
+    _algorithm: ClassVar[str] = "sparsegpt"
 
 
 MODIFIERS = {

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from layerif_plugins.allocate.sparsity import AUTO, check_epsilon, check_target, weighted_mean
+from layerif_plugins.allocate.sparsity import check_target, weighted_mean
 from layerif_plugins.errors import ConfigError, DataError, ModelError
 from layerif_plugins.integrations.llmcompressor.modifiers import (
-    ALLOCATIONS,
     LayerIFSparseGPTModifier,
     LayerIFSparsityModifierBase,
     LayerIFWandaPruningModifier,
@@ -37,6 +36,7 @@ from layerif_plugins.integrations.llmcompressor.modifiers import (
 from layerif_plugins.io import atomic_dir, atomic_write_json, check_out_dir
 from layerif_plugins.models import CATALOGUE, model_dir_for
 from layerif_plugins.models.loading import limit_to_positions
+from layerif_plugins.plan import AllocationOptions, AllocationPlan
 from layerif_plugins.scores import library_versions
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ ALGORITHMS: dict[str, type[LayerIFSparsityModifierBase]] = {
     "sparsegpt": LayerIFSparseGPTModifier,
 }
 REPORT_NAME = "sparsity_report.json"
+PLAN_NAME = "plan.json"
 
 
 def measure_sparsity(model: torch.nn.Module, layer_targets: list[float], targets: Any = None,
@@ -138,155 +139,242 @@ def _check_saved_config(out: Path) -> None:
         logger.info("removed sparsity_config from %s (weights are dense)", cfg_path)
 
 
+def calibration_batches(examples: Any, batch_size: int) -> list[dict[str, Any]]:
+    """The calibration examples in consecutive batches, each cut to its shortest example (as ``oneshot`` collates)."""
+    import torch
+
+    out = []
+    ids = list(examples.input_ids)
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        n = min(len(x) for x in chunk)
+        t = torch.tensor([list(x[:n]) for x in chunk], dtype=torch.long)
+        out.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    return out
+
+
+def check_prune_request(algorithm: str, sparsity: float, batch_size: int, options: AllocationOptions,
+                        holdout_args: dict[str, Any], scores: Any, plan: Any) -> None:
+    """Everything about the options that can be refused before a model is loaded."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+    check_target(sparsity)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    given = [k for k, v in holdout_args.items() if v is not None]
+    if given and (not options.searched or plan is not None):
+        raise ConfigError(f"{', '.join(given)} belong to epsilon='auto' or a searched allocation (atp without beta, "
+                          "sensitivity, auto); pass one or leave them out")
+    hl = holdout_args.get("holdout_length")
+    if hl is not None and (isinstance(hl, bool) or not isinstance(hl, int) or hl < 1):
+        raise ConfigError(f"holdout_length must be an integer >= 1, got {hl!r}")
+    if options.allocation == "layerif" and scores is None and plan is None:
+        raise ConfigError(
+            "allocation 'layerif' needs a scores file: run `layerif score --model M --train T --val V "
+            "--out scores.json` on this model and pass scores=scores.json (--scores)"
+        )
+    if scores is not None:
+        from layerif_plugins.scorers import resolve_scores
+
+        method = "layerif" if options.allocation in ("auto", "sensitivity") else options.allocation
+        # fails early on a missing / malformed file or one of another method; the modifier checks the model
+        resolve_scores(None, method, Path(scores).expanduser().resolve(), role="allocation")
+    if plan is not None:
+        AllocationPlan.load(plan)  # a missing or malformed plan fails before any work
+
+
 def prune_model(
     model_path: str | Path,
     out: str | Path,
     *,
     algorithm: str = "wanda",
     sparsity: float = 0.5,
-    allocation: str = "layerif",
-    scores: str | Path | None = None,
-    epsilon: float | str | None = None,
-    invert: bool = False,
     calib: str | Path,
+    scores: str | Path | None = None,
+    plan: str | Path | None = None,
     n_calib: int = 128,
     max_length: int = 128,
     batch_size: int = 1,
     n_holdout: int | None = None,
     holdout: str | Path | None = None,
     holdout_length: int | None = None,
-    epsilon_grid: list[float] | None = None,
+    save_plan: str | Path | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    options: AllocationOptions | None = None,
+    **allocation: Any,
 ) -> dict[str, Any]:
-    """Prune with llm-compressor's real ``oneshot`` and per-layer sparsity from ``allocation``.
+    """Options → plan → one llm-compressor ``oneshot`` → a pruned HF directory (+ plan.json, sparsity_report.json).
 
     Args:
-        model_path: HF model directory or llama2.c ``.bin`` (converted into a temp dir first).
+        model_path: HF model directory, llama2.c ``.bin`` / ``.gguf`` (converted into a temp dir) or a catalogue name.
         out: output directory (must not exist or be empty unless ``overwrite``).
         algorithm: ``wanda`` | ``sparsegpt``.
         sparsity: global target in (0, 1): parameter-weighted mean over the decoder blocks.
-        allocation: ``layerif`` (needs ``scores``) | ``owl`` | ``alpha_hill`` | ``depth_ramp`` | ``uniform``;
-            ``owl`` / ``alpha_hill`` / ``depth_ramp`` are computed (from ``calib`` / the weights / the
-            layer index) when ``scores`` is None.
-        scores: LayerScores JSON computed on this model (its method must equal ``allocation``).
-        epsilon: relative spread ``[1-ε, 1+ε]`` (OWL's λ for ``owl``); None: the reference's value
-            for the allocation (layerif 0.1, owl 0.08, alpha_hill 0.2, depth_ramp 0.1); ``"auto"``:
-            searched with the mapping direction (one extra oneshot per candidate, 9 by default;
-            the report's ``epsilon_search`` holds the sweep, ``epsilon_used``/``invert`` the choice).
-        invert: reverse the mapping (more sparsity where the scores say less); ``auto`` tries both.
         calib: calibration text file (.txt / .jsonl), its first ``n_calib`` examples, ``max_length`` tokens each.
-        batch_size: calibration batch size of ``oneshot`` (its ``batch_size``; 1 = llm-compressor's
-            default). Batches are collated by truncation to their shortest example, so use more than
-            1 when the examples have equal length (e.g. all longer than ``max_length``): the same
-            statistics with far fewer forward calls (on a 2-core CPU, 128 × 16-token examples prune
-            SmolLM2-135M ~2× faster with 16 per batch).
-        n_holdout: ``auto`` only: held-out examples for the search's perplexity (default
-            ``max(8, n_calib // 4)``), the ones after the first ``n_calib`` of ``calib``, or the
-            first of ``holdout`` when given. Never the evaluation set.
-        holdout: ``auto`` only: a text file for the held-out examples instead of ``calib``'s tail.
-        holdout_length: ``auto`` only: tokens per held-out example (default ``max_length``). Judge
-            the candidates at the context length the model serves: when calibration is cut
-            short to save time (e.g. 16 tokens), short held-out snippets favour allocations
-            that help only short contexts.
-        epsilon_grid: ``auto`` only: the spreads to try (default 0, 0.05, 0.1, 0.2, 0.3).
-        show_progress: progress bars of the scores computed here (OWL activations, ESD fits);
-            llm-compressor's own bars and logs follow its settings (``LLM_COMPRESSOR_LOG_LEVEL``).
+        scores: LayerScores JSON of this model (method = ``allocation``; a LayerIF file for ``auto``).
+        plan: an AllocationPlan JSON made before (``layerif plan``): used as is, no search.
+        batch_size: calibration batch size of ``oneshot`` (batches are cut to their shortest example: use
+            more than 1 when the examples have equal length; 2-3.5x faster Wanda on SmolLM2).
+        n_holdout / holdout / holdout_length: a search's held-out examples: the ``n_holdout`` after the first
+            ``n_calib`` of ``calib`` (default ``max(8, n_calib // 4)``), or the first of ``holdout``;
+            ``holdout_length`` tokens each (default ``max_length``). Never the evaluation set.
+        save_plan: also write the plan here (e.g. beside the scores file); ``out/plan.json`` is always written.
+        options / allocation: :class:`~layerif_plugins.plan.AllocationOptions`, or its fields as keywords
+            (``allocation="auto"``, ``epsilon="auto"``, ``beta=…``, ``budget_prunes=…``, …).
+        show_progress: progress bars of the planning (scores, candidates, sensitivity table).
 
+    A search keeps its finished candidates in ``.<out>.layerif-plan.jsonl`` beside ``out`` until
+    the run succeeds: rerunning an interrupted command resumes from the last finished candidate.
     Returns the report written to ``out/sparsity_report.json``.
     """
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
-    check_target(sparsity)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    check_epsilon(epsilon)
-    searching = epsilon == AUTO
-    if not searching and (n_holdout is not None or holdout is not None or epsilon_grid is not None
-                          or holdout_length is not None):
-        raise ConfigError("n_holdout, holdout, holdout_length and epsilon_grid belong to epsilon='auto'; pass "
-                          "epsilon='auto' or leave them out")
-    if holdout_length is not None and (isinstance(holdout_length, bool) or not isinstance(holdout_length, int)
-                                       or holdout_length < 1):
-        raise ConfigError(f"holdout_length must be an integer >= 1, got {holdout_length!r}")
-    out = check_out_dir(out, overwrite=overwrite, option="out",
-                        inputs={"model": [model_path], "calib": [calib], "holdout": [holdout], "scores": [scores]})
-    if allocation == "layerif" and scores is None:
-        raise ConfigError(
-            "allocation 'layerif' needs a scores file: run `layerif score --model M --train T --val V "
-            "--out scores.json` on this model and pass scores=scores.json (--scores)"
-        )
-    scores_path = None
-    if scores is not None:
-        from layerif_plugins.scorers import resolve_scores
+    options = options or AllocationOptions(**allocation)
+    holdout_args = {"n_holdout": n_holdout, "holdout": holdout, "holdout_length": holdout_length}
+    check_prune_request(algorithm, sparsity, batch_size, options, holdout_args, scores, plan)
+    out = check_out_dir(out, overwrite=overwrite, option="out", inputs={
+        "model": [model_path], "calib": [calib], "holdout": [holdout], "scores": [scores], "plan": [plan]})
+    modifier, scores_path = _modifier(algorithm, sparsity, scores, options, show_progress, model_path)
+    journal = out.parent / f".{out.name}.layerif-plan.jsonl"
+    with tempfile.TemporaryDirectory(prefix="layerif-prune-") as work:
+        model, tokenizer = _load_for_oneshot(model_path, work)
+        t0 = time.perf_counter()
+        made, examples = _plan(modifier.journal(str(journal)), model, tokenizer, plan, calib, n_calib, max_length,
+                               batch_size, holdout_args)
+        planning = time.perf_counter() - t0
+        head = {"model": str(model_path), "out": str(out), "algorithm": algorithm, "scores": scores_path,
+                "epsilon": options.epsilon,  # as passed (None: the reference's; "auto"), what resumed runs compare
+                "planning_seconds": planning, "plan_file": str(out / PLAN_NAME)}
+        report = _oneshot_and_save(model, tokenizer, modifier.use_plan(made), examples, out, overwrite, max_length,
+                                   batch_size, save_plan, head)
+    journal.unlink(missing_ok=True)
+    logger.info("pruned %s → %s: target %.4f, measured %.4f (%s, chose %s)", model_path, out, sparsity,
+                report["weighted_mean_measured"], options.allocation, made.chosen.get("provider"))
+    return report
 
-        scores_path = Path(scores).expanduser().resolve()
-        # fails early on a missing / malformed file or one of another method; the modifier checks the model
-        resolve_scores(None, allocation, scores_path, role="allocation")
-    modifier = build_modifier(
-        ALGORITHMS[algorithm], sparsity=sparsity, allocation=allocation, epsilon=epsilon, invert=invert,
-        epsilon_grid=epsilon_grid, scores=str(scores_path) if scores_path else None,
-    ).show_progress(show_progress)
+
+def plan_pruning(
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    algorithm: str = "wanda",
+    sparsity: float = 0.5,
+    calib: str | Path,
+    scores: str | Path | None = None,
+    n_calib: int = 128,
+    max_length: int = 128,
+    batch_size: int = 1,
+    n_holdout: int | None = None,
+    holdout: str | Path | None = None,
+    holdout_length: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    options: AllocationOptions | None = None,
+    **allocation: Any,
+) -> AllocationPlan:
+    """Make and save an :class:`AllocationPlan` (``out``, a JSON file) without pruning: the plan step of
+    :func:`prune_model` alone, with the same arguments. ``layerif prune --plan out`` then prunes in one pass.
+
+    A search keeps its finished candidates in ``out + ".journal.jsonl"`` until it succeeds, so
+    rerunning an interrupted command resumes from the last finished candidate.
+    """
+    from layerif_plugins.io import check_out_file
+
+    options = options or AllocationOptions(**allocation)
+    holdout_args = {"n_holdout": n_holdout, "holdout": holdout, "holdout_length": holdout_length}
+    check_prune_request(algorithm, sparsity, batch_size, options, holdout_args, scores, None)
+    out = check_out_file(out, overwrite=overwrite, option="out", kind="json", inputs={
+        "model": [model_path], "calib": [calib], "holdout": [holdout], "scores": [scores]})
+    modifier, _ = _modifier(algorithm, sparsity, scores, options, show_progress, model_path)
+    journal = out.with_name(out.name + ".journal.jsonl")
+    with tempfile.TemporaryDirectory(prefix="layerif-plan-") as work:
+        model, tokenizer = _load_for_oneshot(model_path, work)
+        made, _ = _plan(modifier.journal(str(journal)), model, tokenizer, None, calib, n_calib, max_length,
+                        batch_size, holdout_args)
+    made.save(out)
+    journal.unlink(missing_ok=True)
+    return made
+
+
+def _modifier(algorithm: str, sparsity: float, scores: Any, options: AllocationOptions, show_progress: bool,
+              model_path: Any) -> tuple[LayerIFSparsityModifierBase, str | None]:
+    scores_path = str(Path(scores).expanduser().resolve()) if scores is not None else None
+    modifier = build_modifier(ALGORITHMS[algorithm], sparsity=sparsity, scores=scores_path, **options.to_dict())
     if str(model_path) not in CATALOGUE and not Path(model_path).exists():
         raise ModelError(f"model not found: {model_path} (an HF dir, llama2.c .bin, .gguf or a `layerif models list` "
                          "name)")
+    return modifier.show_progress(show_progress), scores_path
 
+
+def _plan(modifier: LayerIFSparsityModifierBase, model: Any, tokenizer: Any, plan: Any, calib: Any, n_calib: int,
+          max_length: int, batch_size: int, holdout_args: dict[str, Any]) -> tuple[AllocationPlan, Any]:
+    """Read ``plan``, or make one with the modifier's options on the loaded model (weights restored after)."""
+    searching = modifier.options().searched and plan is None
+    examples, held, held_from = _load_data(calib, holdout_args["holdout"], tokenizer, n_calib,
+                                           holdout_args["n_holdout"], max_length, searching,
+                                           holdout_args["holdout_length"])
+    made = (AllocationPlan.load(plan) if plan is not None else
+            modifier.plan_for_model(model, calibration_batches(examples, batch_size), held))
+    made.data["calibration"] = {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size}
+    if held_from:
+        made.data["holdout_file"] = held_from
+    return made, examples
+
+
+def _load_for_oneshot(model_path: str | Path, work: str) -> tuple[Any, Any]:
+    """The model and tokenizer as ``oneshot`` would load them from a path (``dtype="auto"``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = model_dir_for(model_path, work)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limit_to_positions(tokenizer, config.get("max_position_embeddings"))  # over-length calibration fails early
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    return model, tokenizer
+
+
+def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModifierBase, examples: Any, out: Path,
+                      overwrite: bool, max_length: int, batch_size: int, save_plan: Any, head: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """One ``oneshot`` with the planned modifier, then the model, tokenizer, recipe, plan and report, atomically."""
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
-    from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="layerif-prune-") as work:
-        model_dir = model_dir_for(model_path, work)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        limit_to_positions(tokenizer, config.get("max_position_embeddings"))  # over-length calibration fails early
-        examples, held, held_from = _load_data(calib, holdout, tokenizer, n_calib, n_holdout, max_length, searching,
-                                                 holdout_length)
-        dataset = _calibration_dataset(examples)
-        if held is not None:
-            modifier.use_holdout(held)
-        try:
-            with atomic_dir(out, overwrite=overwrite) as tmp:
-                t0 = time.perf_counter()
-                model = oneshot(
-                    model=str(model_dir), tokenizer=tokenizer, recipe=[modifier], dataset=dataset,
-                    num_calibration_samples=len(dataset), max_seq_length=max_length,
-                    shuffle_calibration_samples=False, batch_size=batch_size,
-                )
-                elapsed = time.perf_counter() - t0
-                run = next(m for m in active_session().lifecycle.recipe.modifiers
-                           if isinstance(m, LayerIFSparsityModifierBase))
-                model.save_pretrained(str(tmp), save_compressed=True)  # dense safetensors + recipe.yaml
-                tokenizer.save_pretrained(str(tmp))
-                _check_saved_config(tmp)
-                info = run.allocation_info
-                measured = measure_sparsity(model, run.layer_sparsity, run.targets, run.ignore)
-                report = {
-                    "model": str(model_path),
-                    "out": str(out),
-                    "algorithm": algorithm,
-                    "allocation": allocation,
-                    "epsilon": epsilon,  # as passed (None: the reference's; "auto"), what resumed runs compare
-                    "epsilon_used": info["epsilon"],
-                    "invert": info["invert"],
-                    "target_sparsity": float(sparsity),
-                    "scores": str(scores_path) if scores_path else None,
-                    "scores_method": info["scores_method"],
-                    "layer_scores": info["scores"],
-                    "calib": {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size},
-                    "epsilon_search": ({**info["epsilon_search"], "holdout": {**info["epsilon_search"]["holdout"],
-                                                                              **(held_from or {})}}
-                                       if info["epsilon_search"] else None),
-                    **measured,
-                    "oneshot_seconds": elapsed,
-                    "allocation_seconds": info["seconds"],
-                    "versions": library_versions(),
-                }
-                atomic_write_json(tmp / REPORT_NAME, report)
-        finally:
-            active_session().reset()  # release hooks and the recipe state, also on failure
-    logger.info("pruned %s → %s: target %.4f, measured %.4f, epsilon %s%s", model_path, out, sparsity,
-                report["weighted_mean_measured"], report["epsilon_used"], " (inverted)" if report["invert"] else "")
+    dataset = _calibration_dataset(examples)
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            t0 = time.perf_counter()
+            model = oneshot(model=model, tokenizer=tokenizer, recipe=[modifier], dataset=dataset,
+                            num_calibration_samples=len(dataset), max_seq_length=max_length,
+                            shuffle_calibration_samples=False, batch_size=batch_size)
+            elapsed = time.perf_counter() - t0
+            model.save_pretrained(str(tmp), save_compressed=True)  # dense safetensors + recipe.yaml
+            tokenizer.save_pretrained(str(tmp))
+            _check_saved_config(tmp)
+            plan = modifier.allocation_plan
+            assert plan is not None
+            plan.save(tmp / PLAN_NAME)
+            if save_plan is not None:
+                plan.save(save_plan)
+            info = modifier.allocation_info
+            report = {
+                "allocation": modifier.allocation,
+                "epsilon_used": modifier.epsilon,
+                "invert": modifier.invert,
+                "target_sparsity": float(modifier.sparsity),
+                "scores_method": info["scores_method"],
+                "layer_scores": info["scores"],
+                "chosen": plan.chosen,
+                "decision": plan.decision,
+                "plan_cost": plan.cost,
+                "calib": {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size},
+                "epsilon_search": info["epsilon_search"],
+                **measure_sparsity(model, modifier.layer_sparsity or [], modifier.targets, modifier.ignore),
+                "oneshot_seconds": elapsed,
+                "allocation_seconds": info["seconds"],
+                "versions": library_versions(),
+                **head,
+            }
+            atomic_write_json(tmp / REPORT_NAME, report)
+    finally:
+        active_session().reset()  # release hooks and the recipe state, also on failure
     return report

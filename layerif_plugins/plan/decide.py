@@ -1,0 +1,103 @@
+"""Judging candidate allocations on held-out calibration data: paired per-example losses.
+
+Why paired: every candidate is scored on the *same* held-out examples, and most of the
+spread of a mean loss is which examples were drawn, not which allocation pruned the
+model. The difference of two candidates, example by example, cancels that part; its
+standard error (``sd(d) / sqrt(n)``) is the noise the decision must beat.
+
+The rule of ``allocation: auto`` (:func:`choose_simplest`): candidates come in an order of
+simplicity (uniform, then ATP, then the others); the incumbent starts as the first and is
+replaced only by a candidate whose mean per-example loss is lower by more than
+``sigmas`` paired standard errors. Uniform therefore wins unless something beats it
+clearly; a win within the noise of the held-out slice never moves the decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from layerif_plugins.errors import AllocationError
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``mean(a − b)`` over the examples and its standard error (negative mean: ``a`` is better)."""
+
+    mean: float
+    se: float
+    n: int
+
+    @property
+    def z(self) -> float:
+        """Mean over standard error (±inf when the difference is exactly constant and non-zero)."""
+        if self.se > 0:
+            return self.mean / self.se
+        return 0.0 if self.mean == 0 else math.copysign(math.inf, self.mean)
+
+
+def example_losses(sums: Sequence[float], counts: Sequence[int]) -> list[float]:
+    """Mean token loss of each example (``sum / count``): the unit of the paired test.
+
+    Examples without a predicted token are left out (the same ones for every candidate: it
+    depends on the data only, so the pairing holds).
+    """
+    if len(sums) != len(counts) or not sums:
+        raise AllocationError(f"per-example losses: {len(sums)} sums for {len(counts)} counts")
+    return [s / c for s, c in zip(sums, counts, strict=True) if c > 0]  # a 1-token example predicts nothing
+
+
+def token_mean(sums: Sequence[float], counts: Sequence[int]) -> float:
+    """Token-weighted mean loss (what perplexity = exp of)."""
+    return float(sum(sums)) / float(sum(counts))
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
+    """Paired difference ``a − b`` of per-example values: mean and standard error of the mean."""
+    if len(a) != len(b) or len(a) < 2:
+        raise AllocationError(f"a paired comparison needs the same >= 2 examples on both sides, got {len(a)}, {len(b)}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return Paired(mean=mean, se=math.sqrt(var / n), n=n)
+
+
+def choose_simplest(names: Sequence[str], per_example: Sequence[Sequence[float]], sigmas: float = 2.0
+                    ) -> tuple[int, list[str]]:
+    """Index of the kept candidate and the reasons, one line per step (see the module docstring).
+
+    ``names`` and ``per_example`` are in order of simplicity (uniform first). Step 1: the
+    incumbent is the first; the *second* (ATP in ``auto``) replaces it if it beats it by
+    more than ``sigmas`` standard errors. Step 2: among the rest, the one with the lowest
+    mean replaces the incumbent under the same rule.
+    """
+    if not names or len(names) != len(per_example):
+        raise AllocationError("choose_simplest needs one per-example loss list per candidate")
+    if not (isinstance(sigmas, int | float) and math.isfinite(sigmas) and sigmas >= 0):
+        raise AllocationError(f"sigmas must be a finite number >= 0, got {sigmas!r}")
+    best = 0
+    why = [f"start from {names[0]} (the simplest)"]
+
+    def challenge(i: int) -> None:
+        nonlocal best
+        p = paired(per_example[i], per_example[best])
+        if p.mean < 0 and -p.mean > sigmas * p.se:
+            why.append(f"{names[i]} beats {names[best]} by {-p.mean:.5f} nats/example "
+                       f"(> {sigmas:g} × paired SE {p.se:.5f}): keep {names[i]}")
+            best = i
+        else:
+            verdict = "worse" if p.mean >= 0 else f"within {sigmas:g} paired SE ({p.se:.5f})"
+            why.append(f"{names[i]} vs {names[best]}: {p.mean:+.5f} nats/example, {verdict}: keep {names[best]}")
+
+    if len(names) > 1:
+        challenge(1)
+    rest = list(range(2, len(names)))
+    if rest:
+        means = {i: sum(per_example[i]) / len(per_example[i]) for i in rest}
+        challenge(min(rest, key=lambda i: (means[i], i)))
+    return best, why
+
+
+__all__ = ["Paired", "choose_simplest", "example_losses", "paired", "token_mean"]

@@ -1,0 +1,304 @@
+"""``plan_allocation``: try candidate allocations within a budget, judge them on held-out data, keep one.
+
+The pure core of the allocation planner (docs/pruning.md, "Planning"). It knows nothing
+of llm-compressor: the host passes ``evaluate(layer_sparsity) → Evaluation`` (prune a
+copy of the model with that list, measure the per-example held-out loss, undo the prune)
+and the providers (:mod:`.providers`). What it does:
+
+1. asks every provider for its next stage of candidates, round after round, until none
+   proposes more (OWL's second stage and the sensitivity moves come after everyone's
+   first stage, so local search starts from the best heuristic);
+2. evaluates each new per-layer list once (an equal list reuses the earlier result; a
+   journal file makes an interrupted search resume from its last finished candidate);
+3. stops proposing when the budget (pruning passes, seconds) is spent;
+4. decides: ``lowest`` — the lowest held-out loss, ties to the earlier candidate
+   (uniform comes first, so it keeps every tie); ``auto`` — :func:`~.decide.choose_simplest`
+   on uniform, the best ATP and the best of every other provider (two paired standard
+   errors by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from layerif_plugins.errors import AllocationError, ConfigError
+from layerif_plugins.plan.decide import choose_simplest, example_losses, paired, token_mean
+from layerif_plugins.plan.providers import Proposal, Provider, Tried, _key
+
+logger = logging.getLogger(__name__)
+
+Decision = Literal["lowest", "auto"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-example held-out loss sums and token counts of one pruned candidate, and what it cost."""
+
+    sums: list[float]
+    counts: list[int]
+    seconds: float = 0.0
+
+
+Evaluator = Callable[[list[float]], Evaluation]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most a search may spend: pruning passes (``prunes``) and wall seconds (``seconds``); None = no limit."""
+
+    prunes: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prunes is not None and (isinstance(self.prunes, bool) or not isinstance(self.prunes, int)
+                                        or self.prunes < 1):
+            raise ConfigError(f"budget prunes must be an integer >= 1, got {self.prunes!r}")
+        if self.seconds is not None and (isinstance(self.seconds, bool) or not isinstance(self.seconds, int | float)
+                                         or not math.isfinite(self.seconds) or self.seconds <= 0):
+            raise ConfigError(f"budget seconds must be a finite number > 0, got {self.seconds!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prunes": self.prunes, "seconds": self.seconds}
+
+
+@dataclass
+class Candidate:
+    """One candidate of the plan and what it measured (the JSON rows of ``AllocationPlan.candidates``)."""
+
+    provider: str
+    knobs: dict[str, Any]
+    layer_sparsity: list[float] | None
+    status: str = "pending"  # evaluated | resumed | duplicate | infeasible | skipped (budget)
+    loss: float | None = None  # token-weighted mean held-out loss (nats/token)
+    perplexity: float | None = None
+    example_losses: list[float] | None = None
+    vs_uniform: dict[str, float] | None = None  # paired mean difference and its standard error
+    seconds: float = 0.0
+    same_as: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.loss is not None and math.isfinite(self.loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
+
+
+class Journal:
+    """Evaluated candidates on disk (JSON lines), so a search resumes after an interruption.
+
+    Keyed by the per-layer list and a context string (model, algorithm, target, held-out
+    and calibration fingerprints): a journal of another search is never reused.
+    """
+
+    def __init__(self, path: str | Path | None, context: str):
+        self.path = Path(path) if path is not None else None
+        self.context = context
+        self.rows: dict[tuple[int, ...], Evaluation] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: ignore it
+                    continue
+                if isinstance(row, dict) and row.get("context") == context:
+                    self.rows[_key(row["layer_sparsity"])] = Evaluation(row["sums"], row["counts"], row["seconds"])
+
+    def get(self, layer_sparsity: Sequence[float]) -> Evaluation | None:
+        return self.rows.get(_key(layer_sparsity))
+
+    def add(self, layer_sparsity: Sequence[float], ev: Evaluation) -> None:
+        self.rows[_key(layer_sparsity)] = ev
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"context": self.context, "layer_sparsity": list(layer_sparsity), "sums": ev.sums,
+                           "counts": ev.counts, "seconds": ev.seconds})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+@dataclass
+class SearchResult:
+    """What :func:`plan_allocation` returns: every candidate, the chosen index, the reasons, the cost."""
+
+    candidates: list[Candidate]
+    chosen: int
+    decision: dict[str, Any]
+    cost: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def winner(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+
+def min_prunes(decision: Decision, providers: Sequence[Provider]) -> int:
+    """The smallest budget that can try anything: one candidate, two for ``auto`` (something to compare)."""
+    return 2 if decision == "auto" and len(providers) > 1 else 1
+
+
+def plan_allocation(
+    providers: Sequence[Provider],
+    evaluate: Evaluator,
+    *,
+    budget: Budget | None = None,
+    decision: Decision = "lowest",
+    sigmas: float = 2.0,
+    journal: Journal | None = None,
+    show_progress: bool = False,
+    on_candidate: Callable[[Candidate], None] | None = None,
+) -> SearchResult:
+    """Try the providers' candidates within ``budget`` and choose one (see the module docstring)."""
+    if not providers:
+        raise ConfigError("plan_allocation needs at least one provider")
+    if decision not in ("lowest", "auto"):
+        raise ConfigError(f"decision must be 'lowest' or 'auto', got {decision!r}")
+    budget = budget or Budget()
+    need = min_prunes(decision, providers)
+    if budget.prunes is not None and budget.prunes < need:
+        raise AllocationError(f"a budget of {budget.prunes} pruning pass(es) cannot try the candidates: "
+                              f"{decision} needs at least {need}; raise the budget")
+    journal = journal or Journal(None, "")
+    t0 = time.perf_counter()
+    cands: list[Candidate] = []
+    mine: dict[str, list[Tried]] = {p.name: [] for p in providers}
+    everything: list[Tried] = []
+    passes = resumed = 0
+    exhausted = False
+    bar = tqdm(total=budget.prunes, desc="planning: candidates", unit="prune", disable=not show_progress)
+
+    def spent() -> bool:
+        if budget.prunes is not None and passes >= budget.prunes:
+            return True
+        return budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
+
+    def run(prop: Proposal) -> None:
+        nonlocal passes, resumed, exhausted
+        cand = Candidate(prop.provider, dict(prop.knobs), prop.layer_sparsity, error=prop.error)
+        cands.append(cand)
+        if prop.layer_sparsity is None:
+            cand.status = "infeasible"
+        else:
+            twin = next((i for i, c in enumerate(cands[:-1]) if c.ok and c.layer_sparsity is not None
+                         and _key(c.layer_sparsity) == _key(prop.layer_sparsity)), None)
+            if twin is not None:
+                src = cands[twin]
+                cand.status, cand.same_as = "duplicate", twin
+                cand.loss, cand.perplexity, cand.example_losses = src.loss, src.perplexity, src.example_losses
+            else:
+                ev = journal.get(prop.layer_sparsity)
+                if ev is not None:
+                    cand.status = "resumed"
+                    resumed += 1
+                elif spent():
+                    cand.status = "skipped (budget)"
+                    exhausted = True
+                else:
+                    ev = evaluate(list(prop.layer_sparsity))
+                    journal.add(prop.layer_sparsity, ev)
+                    cand.status = "evaluated"
+                    passes += 1
+                    bar.update(1)
+                if ev is not None:
+                    cand.loss = token_mean(ev.sums, ev.counts)
+                    cand.perplexity = math.exp(cand.loss)
+                    cand.example_losses = example_losses(ev.sums, ev.counts)
+                    cand.seconds = ev.seconds
+        tried = Tried(prop.provider, dict(prop.knobs), prop.layer_sparsity, cand.loss)
+        mine[prop.provider].append(tried)
+        everything.append(tried)
+        if cand.ok:
+            logger.info("plan: %s %s → held-out perplexity %.4f (%s)", cand.provider, cand.knobs,
+                        cand.perplexity, cand.status)
+        if on_candidate is not None:
+            on_candidate(cand)
+
+    try:
+        progress = True
+        while progress and not exhausted:
+            progress = False
+            for p in providers:
+                for prop in p.propose(mine[p.name], everything):
+                    progress = True
+                    run(prop)
+                    if exhausted:
+                        break
+                if exhausted:
+                    break
+    finally:
+        bar.close()
+    ok = [i for i, c in enumerate(cands) if c.ok]
+    if not ok:
+        raise AllocationError("no candidate of the plan could be evaluated: " + "; ".join(
+            f"{c.provider} {c.knobs}: {c.error or c.status}" for c in cands))
+    _paired_vs_uniform(cands)
+    chosen, why, rule = _decide(cands, providers, decision, sigmas)
+    cost = {"seconds": time.perf_counter() - t0, "prunes": passes, "resumed": resumed,
+            "evaluated_seconds": sum(c.seconds for c in cands if c.status in ("evaluated", "resumed")),
+            "budget": budget.to_dict(), "budget_exhausted": exhausted}
+    return SearchResult(cands, chosen, {"rule": rule, "why": why}, cost)
+
+
+def _paired_vs_uniform(cands: list[Candidate]) -> None:
+    base = next((c for c in cands if c.provider == "uniform" and c.ok), None)
+    if base is None or base.example_losses is None:
+        return
+    for c in cands:
+        if c.ok and c.example_losses is not None and len(c.example_losses) >= 2:
+            p = paired(c.example_losses, base.example_losses)
+            c.vs_uniform = {"mean": p.mean, "se": p.se}
+
+
+def _label(c: Candidate) -> str:
+    """``provider(knob=value, …)`` for the decision's reasons."""
+    shown = ("beta", "epsilon", "invert", "m", "source")
+    knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.knobs.items() if k in shown)
+    return f"{c.provider}({knobs})"
+
+
+def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Decision, sigmas: float
+            ) -> tuple[int, list[str], str]:
+    ok = [i for i, c in enumerate(cands) if c.ok]
+    if decision == "lowest":
+        best = ok[0]
+        for i in ok[1:]:
+            if cands[i].loss < cands[best].loss:  # type: ignore[operator]
+                best = i
+        return best, [f"lowest held-out loss: {cands[best].provider} {cands[best].knobs} "
+                      f"(perplexity {cands[best].perplexity:.4f})"], \
+            "lowest held-out loss; a later candidate must be strictly lower (uniform first keeps ties)"
+    # auto: the best candidate of each provider, in order of simplicity (uniform, ATP, the rest)
+    rank = {p.name: (p.simplicity, k) for k, p in enumerate(providers)}
+    finalists: dict[str, int] = {}
+    for i in ok:
+        name = cands[i].provider
+        if name not in finalists or cands[i].loss < cands[finalists[name]].loss:  # type: ignore[operator]
+            finalists[name] = i
+    order = sorted(finalists, key=lambda n: rank.get(n, (9, 0)))
+    idx = [finalists[n] for n in order]
+    labels = [_label(cands[i]) for i in idx]
+    k, why = choose_simplest(labels, [cands[i].example_losses for i in idx], sigmas)  # type: ignore[misc]
+    return idx[k], why, (f"keep the simpler candidate (uniform, then ATP, then the others) unless another beats it "
+                         f"by more than {sigmas:g} paired standard errors of the per-example held-out loss")
+
+
+__all__ = ["Budget", "Candidate", "Decision", "Evaluation", "Evaluator", "Journal", "SearchResult", "min_prunes",
+           "plan_allocation"]

@@ -1,0 +1,232 @@
+"""The allocation planner's pure parts: knapsack vs brute force, ATP, the paired rule, the search, the plan file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from layerif_plugins.allocate.sparsity import layerwise_sparsity, weighted_mean
+from layerif_plugins.errors import AllocationError, ConfigError
+from layerif_plugins.models.fingerprint import ModelFingerprint
+from layerif_plugins.plan import (
+    AllocationOptions,
+    AllocationPlan,
+    Budget,
+    Evaluation,
+    Journal,
+    knapsack,
+    plan_allocation,
+)
+from layerif_plugins.plan.decide import choose_simplest, paired
+from layerif_plugins.plan.providers import (
+    ATP,
+    Sensitivity,
+    SensitivityTable,
+    Uniform,
+    atp_max_beta,
+    atp_sparsity,
+    knapsack_allocation,
+)
+
+# ----------------------------------------------------------------------------- knapsack
+
+
+def brute_force(costs, params, center):
+    """Every combination of levels; the cheapest one whose weighted offsets sum to exactly zero."""
+    best = None
+    rows = [[k for k, c in enumerate(row) if c is not None] for row in costs]
+    for combo in itertools.product(*rows):
+        if sum(p * (k - center) for p, k in zip(params, combo, strict=True)) != 0:
+            continue
+        cost = sum(costs[layer][k] for layer, k in enumerate(combo))
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_equals_brute_force(seed):
+    rng = random.Random(seed)
+    n, width = rng.choice([(3, 2), (4, 2), (5, 1)])
+    params = [rng.choice([1, 2, 3]) for _ in range(n)] if seed % 2 else [7] * n
+    costs = [[rng.uniform(0, 1) if rng.random() > 0.1 else None for _ in range(2 * width + 1)] for _ in range(n)]
+    for row in costs:
+        row[width] = rng.uniform(0, 1)  # the target level is always allowed: a solution exists
+    got = knapsack.solve(costs, params, width)
+    want = brute_force(costs, params, width)
+    assert got.exact
+    assert got.cost == pytest.approx(want[0], abs=1e-12)
+    assert sum(p * (k - width) for p, k in zip(params, got.levels, strict=True)) == 0
+
+
+def test_knapsack_ties_give_uniform_and_grid_meets_target_exactly():
+    flat = [[0.5] * 7 for _ in range(6)]
+    assert knapsack.solve(flat, [10] * 6, 3).levels == [3] * 6
+    grid = knapsack.level_grid(0.6, 0.05, 3)
+    assert grid[3] == pytest.approx(0.6) and grid[0] == pytest.approx(0.45) and grid[6] == pytest.approx(0.75)
+    table = SensitivityTable(grid=grid, costs=[[abs(k - 3) * (1 + i) * 0.01 - (0.1 if (i, k) == (0, 5) else 0)
+                                                for k in range(7)] for i in range(6)], center=3, base_loss=1.0)
+    levels, info = knapsack_allocation(table, [100] * 6, 0.6)
+    assert weighted_mean(levels, [100] * 6) == pytest.approx(0.6, abs=1e-12)
+    assert levels[0] > 0.6 and info["exact_units"]
+
+
+def test_knapsack_refuses_impossible_and_bad_grids():
+    with pytest.raises(AllocationError, match="no combination"):
+        knapsack.solve([[None, None, 1.0], [None, None, 1.0]], [1, 1], 1)
+    with pytest.raises(AllocationError, match="half_width"):
+        knapsack.level_grid(0.5, 0.05, 0)
+    assert knapsack.feasible_levels(knapsack.level_grid(0.9, 0.05, 3)) == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- ATP
+
+
+def test_atp_keeps_the_weighted_mean_and_rises_linearly():
+    params = [3.0, 1.0, 2.0, 5.0, 4.0]
+    top = atp_max_beta(params, 0.7)
+    for frac in (0.1, 0.5, 1.0):
+        s = atp_sparsity(params, 0.7, frac * top)
+        assert weighted_mean(s, params) == pytest.approx(0.7, abs=1e-12)
+        assert all(b - a == pytest.approx(frac * top) for a, b in zip(s, s[1:], strict=False))
+        assert min(s) >= 0 and max(s) <= 0.99 + 1e-12
+    with pytest.raises(AllocationError, match="smaller beta"):
+        atp_sparsity(params, 0.7, 1.01 * top)
+
+
+def test_depth_ramp_is_atp_at_one_beta():
+    """§2b on score = layer index with ε equals ATP with β = 2 ε s / (L − 1) (equal block sizes)."""
+    n, s, eps = 30, 0.6, 0.1
+    ramp = layerwise_sparsity(list(range(n)), [1.0] * n, s, epsilon=eps)
+    atp = atp_sparsity([1.0] * n, s, 2 * eps * s / (n - 1))
+    assert ramp == pytest.approx(atp, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- paired rule
+
+
+def test_paired_statistics_match_the_formula():
+    a, b = [1.0, 2.0, 4.0, 3.0], [1.5, 2.0, 3.0, 3.5]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
+    p = paired(a, b)
+    assert p.mean == pytest.approx(mean) and p.se == pytest.approx(se) and p.n == 4
+
+
+def test_simplest_kept_unless_beaten_beyond_two_standard_errors():
+    base = [2.0, 2.5, 3.0, 2.2, 2.8, 2.4]
+    noisy = [x + e for x, e in zip(base, [-0.3, 0.25, -0.2, 0.3, -0.25, 0.1], strict=True)]  # mean −0.0167
+    clear = [x - 0.2 + e for x, e in zip(base, [0.01, -0.01, 0.02, 0.0, -0.02, 0.0], strict=True)]
+    k, why = choose_simplest(["uniform", "atp", "owl"], [base, noisy, base])
+    assert k == 0 and "keep uniform" in why[-1]
+    k, why = choose_simplest(["uniform", "atp", "sensitivity", "owl"], [base, noisy, clear, base])
+    assert k == 2 and "beats uniform" in why[-1]
+
+
+# ----------------------------------------------------------------------------- the search loop
+
+
+def quadratic_loss(layer_sparsity):
+    """A deterministic 'held-out loss' of a list: deeper layers tolerate more sparsity (12 examples)."""
+    n = len(layer_sparsity)
+    base = sum((s - (0.4 + 0.3 * i / (n - 1))) ** 2 for i, s in enumerate(layer_sparsity))
+    sums = [(1.0 + base) * (10 + j % 3) for j in range(12)]
+    return Evaluation(sums, [10 + j % 3 for j in range(12)], 0.0)
+
+
+def table_of(params, target):
+    grid = knapsack.level_grid(target, 0.05, 3)
+    n = len(params)
+    costs = [[(g - (0.4 + 0.3 * i / (n - 1))) ** 2 for g in grid] for i in range(n)]
+    return SensitivityTable(grid=grid, costs=costs, center=3, base_loss=1.0)
+
+
+def test_planner_finds_the_minimum_and_respects_the_budget(tmp_path):
+    params, target = [1.0] * 6, 0.55
+    calls = []
+
+    def evaluate(ls):
+        calls.append(ls)
+        return quadratic_loss(ls)
+
+    providers = [Uniform(6, target), ATP(params, target), Sensitivity(lambda: table_of(params, target), params, target,
+                                                                      max_moves=3)]
+    result = plan_allocation(providers, evaluate, decision="lowest")
+    assert result.winner.provider in ("atp", "sensitivity")
+    assert result.winner.loss < result.candidates[0].loss
+    assert weighted_mean(result.winner.layer_sparsity, params) == pytest.approx(target, abs=1e-9)
+    assert len(calls) == result.cost["prunes"] == len({tuple(c) for c in calls})  # each list evaluated once
+
+    few = plan_allocation(providers[:2], evaluate, budget=Budget(prunes=3))
+    assert few.cost["prunes"] == 3 and few.cost["budget_exhausted"]
+    assert [c.status for c in few.candidates].count("skipped (budget)") == 1
+    with pytest.raises(AllocationError, match="budget of 1 pruning pass"):
+        plan_allocation(providers, evaluate, budget=Budget(prunes=1), decision="auto")
+    with pytest.raises(ConfigError, match="budget prunes"):
+        Budget(prunes=0)
+
+
+def test_planner_resumes_from_its_journal(tmp_path):
+    params, target = [1.0] * 5, 0.5
+    providers = [Uniform(5, target), ATP(params, target)]
+    path = tmp_path / "journal.jsonl"
+    first = plan_allocation(providers, quadratic_loss, journal=Journal(path, "ctx"))
+    lines = path.read_text().splitlines()
+    assert len(lines) == first.cost["prunes"] == 7
+    path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # killed while writing the fifth
+    again = plan_allocation(providers, quadratic_loss, journal=Journal(path, "ctx"))
+    assert again.cost["resumed"] == 4 and again.cost["prunes"] == 3
+    assert again.winner.layer_sparsity == first.winner.layer_sparsity
+    other = plan_allocation(providers, quadratic_loss, journal=Journal(path, "another search"))
+    assert other.cost["resumed"] == 0  # a journal of another search is never reused
+
+
+# ----------------------------------------------------------------------------- options and the plan file
+
+
+def test_options_validate_once_with_clear_messages():
+    assert AllocationOptions(allocation="atp").searched
+    assert not AllocationOptions(allocation="atp", beta=0.01).searched
+    assert AllocationOptions(allocation="layerif", epsilon="auto").searched
+    for bad, match in [({"allocation": "best"}, "allocation must be one of"),
+                       ({"allocation": "auto", "epsilon": 0.1}, "spread of a score mapping"),
+                       ({"budget_prunes": 0}, "budget_prunes"), ({"sigmas": float("nan")}, "sigmas"),
+                       ({"sensitivity_step": 0.0}, "sensitivity_step"), ({"beta": -0.1}, "beta")]:
+        with pytest.raises(ConfigError, match=match):
+            AllocationOptions(**bad)
+
+
+def fp(num_layers=4):
+    return ModelFingerprint("m", "LlamaForCausalLM", "llama", num_layers, 64, "abc")
+
+
+def test_plan_file_round_trip_and_refusals(tmp_path):
+    plan = AllocationPlan(layer_sparsity=[0.4, 0.5, 0.6, 0.5], target=0.5, algorithm="wanda", allocation="atp",
+                          chosen={"provider": "atp", "knobs": {"beta": 0.1}, "index": 1}, model=fp(),
+                          params_per_layer=[10, 10, 10, 10])
+    path = plan.save(tmp_path / "plan.json")
+    back = AllocationPlan.load(path)
+    assert back.layer_sparsity == plan.layer_sparsity and back.chosen == plan.chosen
+    with pytest.raises(AllocationError, match="target sparsity 0.5, not 0.6"):
+        back.check(target=0.6)
+    with pytest.raises(AllocationError, match="algorithm 'wanda', not 'sparsegpt'"):
+        back.check(algorithm="sparsegpt")
+    with pytest.raises(AllocationError, match="other prunable modules"):
+        back.check(params_per_layer=[10, 10, 10, 12])
+    data = json.loads(path.read_text())
+    data["layer_sparsity"][0] = 0.9
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    with pytest.raises(AllocationError, match="edited or is corrupt"):
+        AllocationPlan.load(tmp_path / "edited.json")
+    data["layer_sparsity"] = [0.5] * 5
+    (tmp_path / "five.json").write_text(json.dumps(data))
+    with pytest.raises(AllocationError, match="5 per-layer sparsities for a model with 4"):
+        AllocationPlan.load(tmp_path / "five.json")
+    (tmp_path / "scores.json").write_text(json.dumps({"format_version": 1, "scores": [1, 2]}))
+    with pytest.raises(AllocationError, match="not an allocation plan"):
+        AllocationPlan.load(tmp_path / "scores.json")

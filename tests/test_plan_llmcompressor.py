@@ -1,0 +1,214 @@
+"""The planner on the real llm-compressor: sensitivity = the stock modifier pruning one layer, plans reproduce weights.
+
+stories260K (5 decoder layers), TinyStories calibration; every pruned model is compared
+weight for weight, or loss for loss, with what llm-compressor's *stock* Wanda / SparseGPT
+modifier makes with the same per-layer list.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from layerif_plugins.data import load_examples
+from layerif_plugins.errors import AllocationError, ConfigError
+from layerif_plugins.integrations.llmcompressor import LayerIFWandaPruningModifier, prune_model
+from layerif_plugins.integrations.llmcompressor.planning import measure_sensitivity
+from layerif_plugins.integrations.llmcompressor.prune import calibration_batches, plan_pruning
+from layerif_plugins.integrations.llmcompressor.search import prune_in_session
+from layerif_plugins.models import load_model_and_tokenizer
+from layerif_plugins.plan import AllocationPlan
+from layerif_plugins.plan.decide import token_mean
+
+pytestmark = pytest.mark.integration
+N_CALIB, MAX_LEN = 8, 32
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("algorithm", ["wanda", "sparsegpt"])
+def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(stories_dir, tinystories_train,
+                                                                          tinystories_valid, algorithm):
+    from layerif_plugins.evaluation.perplexity import example_token_losses
+    from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier
+
+    cls = LayerIFWandaPruningModifier if algorithm == "wanda" else LayerIFSparseGPTModifier
+    model, tok = load_model_and_tokenizer(stories_dir)
+    batches = calibration_batches(load_examples(tinystories_train, tok, MAX_LEN, n=N_CALIB), 1)
+    held = load_examples(tinystories_valid, tok, MAX_LEN, n=4)
+    mod = cls(sparsity=0.5, allocation="uniform")
+    modules, params = mod.resolve_targets(model)
+    table = measure_sensitivity(model, modules, params, 0.5, algorithm, mod.algorithm_fields(), batches, held,
+                                step=0.2, half_width=1)
+    assert table.grid == pytest.approx([0.3, 0.5, 0.7]) and table.layer_prunes == 15
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the table left the model dense
+    for layer, k in [(2, 2), (0, 0)]:
+        fresh, _ = load_model_and_tokenizer(stories_dir)
+        alone = [0.0] * 5
+        alone[layer] = table.grid[k]
+        prune_in_session(fresh, mod.stock_modifier(alone), batches)
+        loss = token_mean(*example_token_losses(fresh, held, pad_id=0))
+        assert loss - table.base_loss == pytest.approx(table.costs[layer][k], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_planned_prune_reruns_to_identical_weights_from_plan_and_recipe(stories_dir, tinystories_train, tmp_path):
+    from llmcompressor import oneshot
+
+    from layerif_plugins.integrations.llmcompressor.prune import _calibration_dataset
+
+    common = dict(calib=tinystories_train, n_calib=N_CALIB, max_length=MAX_LEN, show_progress=False)
+    report = prune_model(stories_dir, tmp_path / "atp", sparsity=0.6, allocation="atp", n_holdout=4, **common)
+    plan = AllocationPlan.load(tmp_path / "atp" / "plan.json")
+    assert plan.allocation == "atp" and plan.chosen["provider"] in ("uniform", "atp")
+    assert [c["provider"] for c in plan.candidates] == ["uniform"] + ["atp"] * 6
+    assert all(c["loss"] is not None and len(c["example_losses"]) == 4 for c in plan.candidates)
+    assert [r["target"] for r in report["layers"]] == pytest.approx(plan.layer_sparsity, abs=1e-12)
+    assert plan.cost["prunes"] == 7 and report["chosen"]["provider"] == plan.chosen["provider"]
+    # the plan file, and the saved recipe (which records the per-layer list), rerun to the same weights
+    again = prune_model(stories_dir, tmp_path / "again", sparsity=0.6, allocation="uniform",
+                        plan=tmp_path / "atp" / "plan.json", **common)
+    assert again["chosen"] == plan.chosen
+    first, second = weights(tmp_path / "atp"), weights(tmp_path / "again")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    _, tok = load_model_and_tokenizer(stories_dir)
+    ds = _calibration_dataset(load_examples(tinystories_train, tok, MAX_LEN, n=N_CALIB))
+    rerun = oneshot(model=str(stories_dir), recipe=str(tmp_path / "atp" / "recipe.yaml"), dataset=ds,
+                    num_calibration_samples=N_CALIB, max_seq_length=MAX_LEN, shuffle_calibration_samples=False)
+    state = rerun.state_dict()
+    assert all(torch.equal(state[k], first[k]) for k in first if k in state)
+
+
+@pytest.mark.slow
+def test_recipe_written_before_the_planner_prunes_like_the_stock_modifier(stories_dir, tinystories_train, tmp_path):
+    """A pre-planner recipe (allocation + fixed ε) gives exactly the stock Wanda weights for the §2b list."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+    from layerif_plugins.allocate.sparsity import layerwise_sparsity
+    from layerif_plugins.integrations.llmcompressor.modifiers import params_per_layer, prunable_modules
+    from layerif_plugins.integrations.llmcompressor.prune import _calibration_dataset
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("pruning_stage:\n  sparsity_modifiers:\n    LayerIFWandaPruningModifier:\n"
+                      "      sparsity: 0.5\n      allocation: depth_ramp\n      epsilon: 0.1\n")
+    model, tok = load_model_and_tokenizer(stories_dir)
+    ds = _calibration_dataset(load_examples(tinystories_train, tok, MAX_LEN, n=N_CALIB))
+    params = params_per_layer(prunable_modules(model, ["LlamaDecoderLayer"], ["re:.*lm_head"]), 5)
+    expected = layerwise_sparsity([0, 1, 2, 3, 4], params, 0.5, epsilon=0.1)
+    ours = oneshot(model=str(stories_dir), recipe=str(recipe), dataset=ds, num_calibration_samples=N_CALIB,
+                   max_seq_length=MAX_LEN, shuffle_calibration_samples=False).state_dict()
+    stock = oneshot(model=str(stories_dir), recipe=[WandaPruningModifier(
+        sparsity=expected, targets=["LlamaDecoderLayer"], ignore=["re:.*lm_head"])], dataset=ds,
+        num_calibration_samples=N_CALIB, max_seq_length=MAX_LEN, shuffle_calibration_samples=False).state_dict()
+    assert all(torch.equal(ours[k], stock[k]) for k in stock)
+
+
+def test_plan_of_another_model_or_target_is_refused_naming_the_field(stories_dir, tinystories_train, tmp_path):
+    common = dict(calib=tinystories_train, n_calib=N_CALIB, max_length=MAX_LEN, show_progress=False)
+    plan = plan_pruning(stories_dir, tmp_path / "plan.json", sparsity=0.5, allocation="depth_ramp", **common)
+    assert plan.cost["prunes"] == 0 and plan.decision["rule"] == "fixed (no search)"
+    data = json.loads((tmp_path / "plan.json").read_text())
+    data["model"]["config_hash"] = "0123456789abcdef"
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    with pytest.raises(AllocationError, match="another model: config_hash"):
+        prune_model(stories_dir, tmp_path / "x", sparsity=0.5, allocation="uniform", plan=tmp_path / "other.json",
+                    **common)
+    with pytest.raises(AllocationError, match="target sparsity 0.5, not 0.6"):
+        prune_model(stories_dir, tmp_path / "y", sparsity=0.6, allocation="uniform", plan=tmp_path / "plan.json",
+                    **common)
+    with pytest.raises(AllocationError, match="algorithm 'wanda', not 'sparsegpt'"):
+        prune_model(stories_dir, tmp_path / "z", algorithm="sparsegpt", sparsity=0.5, allocation="uniform",
+                    plan=tmp_path / "plan.json", **common)
+    assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_budget_too_small_is_refused_before_any_work(stories_dir, tinystories_train, tmp_path):
+    with pytest.raises(AllocationError, match="budget of 1 pruning pass"):
+        plan_pruning(stories_dir, tmp_path / "p.json", sparsity=0.5, allocation="auto", budget_prunes=1,
+                     calib=tinystories_train, n_calib=N_CALIB, max_length=MAX_LEN, show_progress=False)
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_plan_then_prune_with_the_plan(stories_dir, tinystories_train, tmp_path, capsys):
+    from layerif_plugins.cli import main
+
+    args = ["--model", str(stories_dir), "--sparsity", "0.5", "--calib", str(tinystories_train), "--n-calib", "8",
+            "--max-length", "32", "--quiet"]
+    assert main(["plan", *args, "--allocation", "sensitivity", "--n-holdout", "4", "--sensitivity-step", "0.1",
+                 "--max-moves", "2", "--out", str(tmp_path / "plan.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "sensitivity" in printed and "plan: chose" in printed
+    plan = AllocationPlan.load(tmp_path / "plan.json")
+    table = plan.extras["sensitivity"]
+    assert len(table["costs"]) == 5 and len(table["grid"]) == 7
+    assert sum(c["knobs"].get("source") == "move" for c in plan.candidates) <= 2
+    assert main(["prune", *args, "--allocation", "uniform", "--plan", str(tmp_path / "plan.json"),
+                 "--out", str(tmp_path / "pruned")]) == 0
+    report = json.loads((tmp_path / "pruned" / "sparsity_report.json").read_text())
+    assert [r["target"] for r in report["layers"]] == pytest.approx(plan.layer_sparsity, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_auto_recipe_plans_inside_oneshot_within_its_budget(stories_dir, tinystories_train, tmp_path):
+    """allocation: auto from a YAML recipe: the modifier plans on held-out calibration batches, then prunes once."""
+    import yaml
+    from llmcompressor import oneshot
+    from llmcompressor.core import active_session
+
+    from layerif_plugins.integrations.llmcompressor.prune import _calibration_dataset
+
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text("pruning_stage:\n  sparsity_modifiers:\n    LayerIFWandaPruningModifier:\n"
+                      "      sparsity: 0.6\n      allocation: auto\n      budget_prunes: 8\n      holdout: 4\n"
+                      "      sensitivity_step: 0.1\n      sensitivity_levels: 1\n")
+    _, tok = load_model_and_tokenizer(stories_dir)
+    ds = _calibration_dataset(load_examples(tinystories_train, tok, MAX_LEN, n=16))
+    out = tmp_path / "out"
+    model = oneshot(model=str(stories_dir), recipe=str(recipe), dataset=ds, num_calibration_samples=16,
+                    max_seq_length=MAX_LEN, shuffle_calibration_samples=False, output_dir=str(out))
+    (ran,) = [m for m in active_session().lifecycle.recipe.modifiers if isinstance(m, LayerIFWandaPruningModifier)]
+    plan = ran.allocation_plan
+    assert plan.cost["prunes"] == 8 and plan.cost["budget_exhausted"]
+    assert plan.decision["rule"].startswith("keep the simpler candidate")
+    assert [c["provider"] for c in plan.candidates[:2]] == ["uniform", "atp"]
+    assert plan.data["holdout_from"] == "calibration batches" and len(plan.data["positions"]) == 4
+    assert ran.layer_sparsity == plan.layer_sparsity
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    args = next(iter(next(iter(saved.values())).values()))["LayerIFWandaPruningModifier"]
+    assert args["layer_sparsity"] == pytest.approx(plan.layer_sparsity) and args["allocation"] == "auto"
+    for layer, block in enumerate(model.model.layers):
+        zeros = sum(int((m.weight == 0).sum()) for m in block.modules() if isinstance(m, torch.nn.Linear))
+        total = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+        assert zeros / total == pytest.approx(plan.layer_sparsity[layer], abs=0.02)
+    active_session().reset()
+
+
+def test_modifier_fields_are_the_allocation_options():
+    """One options dataclass: every AllocationOptions field is a modifier field with the same default and checks."""
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier
+    from layerif_plugins.plan import AllocationOptions
+
+    for cls in (LayerIFWandaPruningModifier, LayerIFSparseGPTModifier):
+        for f in dataclasses.fields(AllocationOptions):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert cls.model_fields[f.name].default == default, (cls.__name__, f.name)
+    for bad, match in [({"allocation": "auto", "epsilon": 0.1}, "spread of a score mapping"),
+                       ({"allocation": "atp", "budget_prunes": 0}, "budget_prunes"),
+                       ({"allocation": "sensitivity", "sensitivity_levels": 0}, "sensitivity_levels")]:
+        with pytest.raises(ValidationError, match=match):
+            LayerIFWandaPruningModifier(sparsity=0.5, **bad)
+        with pytest.raises(ConfigError, match=match):
+            AllocationOptions(**bad)
