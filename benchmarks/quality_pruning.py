@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-holdout", type=int, default=32, help="held-out calibration examples of the *_auto variants")
     p.add_argument("--planner-holdout-length", type=int, default=128,
                    help="tokens per held-out example of the planner cells")
+    p.add_argument("--budget-prunes", type=int, default=None, help="planner cells: the most pruning passes")
+    p.add_argument("--sensitivity-levels", type=int, default=3, help="planner cells: levels each side of the target")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples")
     p.add_argument("--max-length", type=int, default=16, help="tokens per calibration example")
     p.add_argument("--batch-size", type=int, default=16,
@@ -135,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.algorithms, args.sparsities = "wanda", "0.5,0.7"
         args.n_calib, args.n_train, args.n_val, args.eval_docs = 32, 16, 8, 8
-        args.allocations = "uniform,layerif_attn,depth_ramp"
+        args.allocations = "uniform,layerif_attn,depth_ramp,planner"
+        args.budget_prunes, args.sensitivity_levels, args.n_holdout = 10, 1, 16
         args.noise_allocations, args.noise_sparsities = "uniform", "0.7"
     unknown = [a for a in split(args.allocations) if a not in VARIANTS]
     if unknown:
@@ -390,7 +393,8 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
     plan = plan_pruning(model_dir, plan_path, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
                         allocation="auto", scores=scores["layerif_attn"], calib=calib, n_calib=args.n_calib,
                         max_length=args.max_length, batch_size=args.batch_size, n_holdout=args.n_holdout,
-                        holdout_length=args.planner_holdout_length, overwrite=True, show_progress=False)
+                        holdout_length=args.planner_holdout_length, budget_prunes=args.budget_prunes,
+                        sensitivity_levels=args.sensitivity_levels, overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
     shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
                 f"{cell['sparsity']}_{cell['seed']}.json")

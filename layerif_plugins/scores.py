@@ -19,6 +19,7 @@ ranks the scores (shifted by their minimum), negated scores would silently inver
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 from dataclasses import dataclass, field
@@ -31,8 +32,12 @@ from typing import Any, Literal
 from torch import nn
 
 from layerif_plugins.errors import ScoresError
+from layerif_plugins.fields import check_number
 from layerif_plugins.io import atomic_write_json
 from layerif_plugins.models import ModelFingerprint, fingerprint
+from layerif_plugins.models.fingerprint import same_weights
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _VERSIONED_PACKAGES = ("layerif-plugins", "torch", "transformers", "llmcompressor", "peft", "lm_eval")
@@ -117,11 +122,15 @@ def check_score_values(values: Any, method: str, source: str = "scores") -> list
         raise ScoresError(f"{source}: 'scores' must be a list of numbers (one per layer), got {type(values).__name__}")
     out = []
     for i, v in enumerate(values):
+        if isinstance(v, (bool, str, bytes)) or v is None:
+            raise ScoresError(f"{source}: the score of layer {i} is {json.dumps(v, default=repr)[:40]} "
+                              f"({type(v).__name__}), not a number")
+        if isinstance(v, int):  # a JSON integer literal may be too large for a float: refused, not a traceback
+            out.append(check_number(v, f"the score of layer {i}", source=source, error=ScoresError))
+            continue
         try:
-            if isinstance(v, (bool, str, bytes)) or v is None:
-                raise TypeError
-            out.append(float(v))  # ints, floats, numpy / 0-d torch scalars
-        except (TypeError, ValueError):
+            out.append(float(v))  # numpy / 0-d torch scalars
+        except (TypeError, ValueError, OverflowError):
             raise ScoresError(f"{source}: the score of layer {i} is {json.dumps(v, default=repr)[:40]} "
                               f"({type(v).__name__}), not a number") from None
     bad = [i for i, x in enumerate(out) if not math.isfinite(x)]
@@ -140,19 +149,65 @@ def check_score_values(values: Any, method: str, source: str = "scores") -> list
     return out
 
 
+def registered_direction(method: str) -> ScoreDirection | None:
+    """The direction the scorer ``method`` declared at registration, or None when no such scorer is registered."""
+    from layerif_plugins.scorers.registry import SCORERS  # the registry imports this module
+
+    spec = SCORERS.get(method)
+    return spec.direction if spec is not None else None
+
+
 def direction_of_method(method: str) -> ScoreDirection:
-    """The direction of a method's scores when a file or caller does not state it (see ``_LEGACY_DIRECTIONS``)."""
+    """The direction of a method's scores when a file or caller does not state it.
+
+    The registered scorer's declaration; for a method not registered here,
+    ``_LEGACY_DIRECTIONS`` or ``HIGHER_PRUNES``.
+    """
+    registered = registered_direction(method)
+    if registered is not None:
+        return registered
     return _LEGACY_DIRECTIONS.get(method, ScoreDirection.HIGHER_PRUNES)
 
 
 def as_direction(value: ScoreDirection | str) -> ScoreDirection:
-    """A :class:`ScoreDirection` from itself, its value (``"higher_protects"``) or a method name (``"owl"``)."""
+    """A :class:`ScoreDirection` from itself, its value (``"higher_protects"``) or a registered method name (``"owl"``).
+
+    Anything else is refused (:class:`ScoresError` naming the choices): a misspelt direction
+    must not silently become ``higher_prunes``.
+    """
     if isinstance(value, ScoreDirection):
         return value
+    if not isinstance(value, str):
+        raise TypeError(f"direction must be a ScoreDirection or a string, got {type(value).__name__}")
     try:
         return ScoreDirection(value)
     except ValueError:
-        return direction_of_method(value)
+        pass
+    registered = registered_direction(value)
+    if registered is not None:
+        return registered
+    if value in _LEGACY_DIRECTIONS:
+        return _LEGACY_DIRECTIONS[value]
+    from layerif_plugins.scorers.registry import SCORERS
+
+    raise ScoresError(f"unknown score direction {value!r}: give one of {[d.value for d in ScoreDirection]} "
+                      f"or a scoring method ({', '.join(sorted(SCORERS))})")
+
+
+def _check_stored_direction(stored: ScoreDirection, method: str, source: str) -> None:
+    """Refuse a file whose ``direction`` is not its method's registered one (an edit would invert every allocation)."""
+    registered = registered_direction(method)
+    if registered is None:
+        logger.debug("%s: method %r is not a registered scorer here; its direction %s is taken as stored",
+                     source, method, stored.value)
+        return
+    if stored is not registered:
+        raise ScoresError(
+            f"{source}: direction is {stored.value!r} but {method!r} scores are {registered.value!r} (the "
+            f"scorer's registered direction): an edited direction would silently invert every allocation. "
+            f"Restore \"direction\": \"{registered.value}\" or recompute with `layerif score --method {method}` "
+            "(to reverse an allocation on purpose, use the allocator's invert option)"
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -252,6 +307,13 @@ class LayerScores:
         if not isinstance(d["scores"], list):
             raise ScoresError(f"{source}: 'scores' must be a list of numbers (one per layer), "
                               f"got {type(d['scores']).__name__}")
+        if not isinstance(d["method"], str):
+            raise ScoresError(f"{source}: 'method' must be a string (a scoring method), got {d['method']!r}")
+        if d.get("direction") is not None:
+            _check_stored_direction(ScoreDirection.parse(d["direction"], source), d["method"], source)
+        if model.weights is None:
+            logger.debug("%s: no weights fingerprint in the model block (written before it existed): the weights "
+                         "it was computed on cannot be checked", source)
         return cls(
             scores=list(d["scores"]),
             method=str(d["method"]),
@@ -297,6 +359,7 @@ class LayerScores:
         self.check_fingerprint(fingerprint(model))
 
     def check_fingerprint(self, other: ModelFingerprint) -> None:
+        """Refuse ``other`` unless its architecture fields and (when both are known) its weights match the file's."""
         for name in ModelFingerprint.MATCH_FIELDS:
             mine, theirs = getattr(self.model, name), getattr(other, name)
             if mine != theirs:
@@ -305,6 +368,17 @@ class LayerScores:
                     f"(model {self.model.name_or_path!r}) but {theirs!r} in the model it is applied to "
                     f"({other.name_or_path!r}). Recompute the scores on this model with `layerif score`."
                 )
+        same = same_weights(self.model.weights, other.weights)
+        if same is False:
+            raise ScoresError(
+                f"scores file was computed for other weights: the weights fingerprint is {self.model.weights} in "
+                f"the scores (model {self.model.name_or_path!r}) but {other.weights} in the model it is applied to "
+                f"({other.name_or_path!r}); same architecture and config, different weights (another checkpoint "
+                "or a fine-tune). Recompute the scores on this model with `layerif score`."
+            )
+        if same is None:
+            logger.debug("weights not compared (%s in the scores, %s in the model): an older file, an offloaded "
+                         "model or another precision", self.model.weights, other.weights)
 
     def table(self) -> str:
         """A small markdown table (layer, score, rank; rank 1 = highest score)."""

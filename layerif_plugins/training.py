@@ -30,6 +30,7 @@ import torch
 from layerif_plugins.data import Examples, collate
 from layerif_plugins.errors import ConfigError, DataError
 from layerif_plugins.evaluation.perplexity import mean_token_loss
+from layerif_plugins.fields import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +69,17 @@ class TrainConfig:
     lr_scheduler: Scheduler = "linear"
 
     def __post_init__(self) -> None:
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("batch_size and grad_accum must be >= 1")
-        if not 0.0 <= self.warmup_ratio < 1.0:
+        # every number through the one validator (a recipe or a config file may hold "5", NaN, 1e999)
+        if self.max_steps is not None:
+            check_number(self.max_steps, "max_steps", kind="int", minimum=1)
+        check_number(self.epochs, "epochs", minimum=0, exclusive_minimum=True)
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            check_number(getattr(self, name), name, kind="int", minimum=1)
+        check_number(self.seed, "seed", kind="int")
+        check_number(self.weight_decay, "weight_decay", minimum=0)
+        if not 0.0 <= check_number(self.warmup_ratio, "warmup_ratio") < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        check_number(self.lr, "lr", minimum=0, exclusive_minimum=True)
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler {self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
@@ -205,6 +209,10 @@ def attach_lora(
         raise ConfigError("LoRA training needs PEFT: pip install 'layerif-plugins[moe]'") from exc
     if not target_modules:
         raise ConfigError("no target modules for the LoRA adapter")
+    check_number(r, "r", kind="int", minimum=1)
+    check_number(lora_alpha, "lora_alpha", minimum=0, exclusive_minimum=True)
+    if check_number(lora_dropout, "lora_dropout", minimum=0) >= 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     torch.manual_seed(seed)
     lora = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
                            bias="none", task_type="CAUSAL_LM")

@@ -97,3 +97,20 @@ def test_moe_layout_beta():
     assert moe.layout_beta("uniform", 2.5) == ("uniform", 2.5)
     args = moe.parse_args(["--quick", "--model", "stories260k"])
     assert args.model.endswith("stories260K.bin") and args.steps == 5
+
+
+def test_planner_report_shows_every_column_with_deltas_and_cost(qp, tmp_path):
+    args = qp.parse_args(["--out", str(tmp_path), "--allocations", "planner"])
+    assert [c["variant"] for c in qp.planned_cells(args)] == ["planner"] * 6
+    base = {"task": "wikitext2", "algorithm": "wanda", "sparsity": 0.7, "seed": 0, "sizes": qp.sizes(args),
+            "measured": 0.7, "eval_tokens": 100, "holdout_ppl": 1.0, "chosen": {"provider": "atp"},
+            "search": {"plan_prunes": 36, "layer_prunes": 210, "plan_s": 600.0, "why": ["start from uniform()"]}}
+    ppl = {"plan_uniform": 100.0, "plan_owl": 90.0, "plan_alpha_hill": 95.0, "plan_atp": 80.0,
+           "plan_layerif": 99.0, "plan_sensitivity": 85.0, "plan_auto": 80.0}
+    rows = [{**base, "variant": v, "ppl": p} for v, p in ppl.items()]
+    rows.append({"task": "wikitext2", "algorithm": "wanda", "sparsity": 0.7, "seed": 0, "variant": "planner",
+                 "sizes": qp.sizes(args), "done": True})
+    text = qp.write_report(args, rows, tmp_path)
+    assert ("| wanda | 0.70 | 100.00 | 90.00 (-10.0 %) | 95.00 (-5.0 %) | 80.00 (-20.0 %) | 99.00 (-1.0 %) "
+            "| 85.00 (-15.0 %) | 80.00 (-20.0 %) | atp; 36 prunes + 210 layer prunes, 10.0 min |") in text
+    assert "wanda 0.70 seed 0: start from uniform()" in text

@@ -149,6 +149,9 @@ def test_field_mapping_and_string_labels(tmp_path: Path):
     f.write_text(json.dumps({"ctx": "The sky is", "endings": ["blue", "a cat"], "gold": "blue"}) + "\n\n"
                  + json.dumps({"ctx": "Two plus two is", "endings": ["three", "four"], "gold": 1}) + "\n")
     items = read_mc_items(f, {"question": "ctx", "choices": "endings", "label": "gold"})
+    digits = tmp_path / "digits.jsonl"
+    digits.write_text(json.dumps({"question": "Pick", "choices": ["1", "2"], "label": "2"}) + "\n")
+    assert read_mc_items(digits)[0]["label"] == 1  # a string label is the text of a choice, digits included
     assert items == [{"question": "The sky is", "choices": ["blue", "a cat"], "label": 0},
                      {"question": "Two plus two is", "choices": ["three", "four"], "label": 1}]
     built = write_tasks([parse_task(f"mc:{f}", fields={"question": "ctx", "choices": "endings", "label": "gold"})],
@@ -166,7 +169,8 @@ def test_field_mapping_and_string_labels(tmp_path: Path):
          ":2: not valid JSON"),
         ('["a", "b"]\n', ":1: expected a JSON object"),
         ('{"question": "q", "choices": ["a", "b"], "label": 2}\n', "label 2 does not index the 2 choices"),
-        ('{"question": "q", "choices": ["a", "b"], "label": "c"}\n', "label 'c' is not one of the 2 choices"),
+        ('{"question": "q", "choices": ["a", "b"], "label": "c"}\n', "label 'c' is not the text of any of the 2"),
+        ('{"question": "q", "choices": ["a", "b"], "label": "1"}\n', "label '1' is not the text of any of the 2"),
         ('{"question": "q", "choices": "ab", "label": 0}\n', "list of at least 2"),
         ('{"question": "q", "label": 0}\n', "missing field(s) ['choices']"),
     ],

@@ -121,13 +121,20 @@ def test_plan_of_another_model_or_target_is_refused_naming_the_field(stories_dir
     with pytest.raises(AllocationError, match="another model: config_hash"):
         prune_model(stories_dir, tmp_path / "x", sparsity=0.5, allocation="uniform", plan=tmp_path / "other.json",
                     **common)
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["model"]["weights"].startswith("w1:")
+    data["model"]["weights"] = data["model"]["weights"][:-4] + "0000"
+    (tmp_path / "retrained.json").write_text(json.dumps(data))
+    with pytest.raises(AllocationError, match="made for other weights"):
+        prune_model(stories_dir, tmp_path / "w", sparsity=0.5, allocation="uniform",
+                    plan=tmp_path / "retrained.json", **common)
     with pytest.raises(AllocationError, match="target sparsity 0.5, not 0.6"):
         prune_model(stories_dir, tmp_path / "y", sparsity=0.6, allocation="uniform", plan=tmp_path / "plan.json",
                     **common)
     with pytest.raises(AllocationError, match="algorithm 'wanda', not 'sparsegpt'"):
         prune_model(stories_dir, tmp_path / "z", algorithm="sparsegpt", sparsity=0.5, allocation="uniform",
                     plan=tmp_path / "plan.json", **common)
-    assert not any((tmp_path / n).exists() for n in "xyz")
+    assert not any((tmp_path / n).exists() for n in "xyzw")
 
 
 def test_budget_too_small_is_refused_before_any_work(stories_dir, tinystories_train, tmp_path):
@@ -212,3 +219,52 @@ def test_modifier_fields_are_the_allocation_options():
             LayerIFWandaPruningModifier(sparsity=0.5, **bad)
         with pytest.raises(ConfigError, match=match):
             AllocationOptions(**bad)
+
+
+@pytest.mark.slow
+def test_interrupted_plan_resumes_from_its_last_finished_candidate(stories_dir, tinystories_train, tmp_path):
+    """Ctrl-C during `layerif plan` keeps the journal; the same command again re-evaluates nothing that finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from layerif_plugins.cli import main
+
+    out = tmp_path / "plan.json"
+    journal = tmp_path / "plan.json.journal.jsonl"
+    args = ["plan", "--model", str(stories_dir), "--sparsity", "0.6", "--allocation", "atp", "--calib",
+            str(tinystories_train), "--n-calib", "8", "--max-length", "32", "--n-holdout", "4", "--quiet",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "layerif_plugins.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    done = len(journal.read_text().splitlines())
+    assert done >= 2 and not out.exists()
+    assert main(args) == 0
+    plan = AllocationPlan.load(out)
+    assert plan.cost["resumed"] == done and plan.cost["prunes"] == 7 - done
+    assert not journal.exists()
+
+
+def test_api_type_errors_name_the_argument(stories_dir, tinystories_train, tmp_path):
+    model, _ = load_model_and_tokenizer(stories_dir)
+    with pytest.raises(TypeError, match="model_path must be a path .* got LlamaForCausalLM; .* oneshot"):
+        prune_model(model, tmp_path / "x", sparsity=0.5, allocation="uniform", calib=tinystories_train)
+    with pytest.raises(TypeError, match="scores must be a path"):
+        plan_pruning(stories_dir, tmp_path / "p.json", sparsity=0.5, allocation="layerif", scores=3,
+                     calib=tinystories_train)
+    from layerif_plugins.models.loading import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(TypeError, match="device must be"):
+        resolve_device(1.5)

@@ -44,7 +44,8 @@ def add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: beside the model)")
     p.add_argument("--dtype", default="float32", help="float32 | float64 | bfloat16 | float16")
     if device:
-        p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+        p.add_argument("--device", default="auto", type=device_option,
+                       help="cpu | cuda | cuda:N | auto (cuda when available)")
         p.add_argument("--device-map", default=None,
                        help="spread a large model over devices (accelerate device_map, e.g. 'auto')")
 
@@ -64,6 +65,22 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+#: device types a command can run on (``meta`` holds no values; ``gpu`` / ``tpu`` are not torch device names)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def device_option(text: str) -> str:
+    """``type=`` of ``--device``: ``auto`` or a torch device of :data:`DEVICE_TYPES` (``cuda:1``), else refused."""
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    kind, _, index = value.partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()) or value.endswith(":"):
+        hint = " (the GPU is 'cuda')" if kind in {"gpu", "nvidia"} else ""
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}{hint}: use auto, cpu, cuda or cuda:N")
     return value
 
 
@@ -139,6 +156,10 @@ def _listed(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
 
 
+#: inputs that the command also writes (``--checkpoint-dir``: resumed from, and filled)
+_BOTH_WAYS = ("checkpoint_dir",)
+
+
 def check_paths(args: argparse.Namespace) -> list[str]:
     """Run every output / input check of the command's :class:`PathSpec` before any work.
 
@@ -172,8 +193,12 @@ def check_paths(args: argparse.Namespace) -> list[str]:
         if getattr(args, dest, None):
             outputs[spec.name(dest)] = check_out_dir(getattr(args, dest), option=spec.name(dest), inputs=inputs,
                                                      into=True)
+    for dest in _BOTH_WAYS:  # read and written by the command: never the same path as, or nested with, an output
+        if dest in spec.inputs and getattr(args, dest, None):
+            outputs[spec.name(dest)] = getattr(args, dest)
     check_outputs_apart(outputs)
     return [str(getattr(args, d)) for d in spec.dirs if overwrite and getattr(args, d, None)]
+
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:

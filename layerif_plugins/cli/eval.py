@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from layerif_plugins.cli.common import declare_paths, finite_float, positive_int
+from layerif_plugins.cli.common import declare_paths, device_option, finite_float, positive_int
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.io import atomic_write_json
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mc-fields", default=None,
                    help="field names of mc files, e.g. question=ctx,choices=endings,label=gold")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto (hf backend)")
+    p.add_argument("--device", default="auto", type=device_option, help="cpu | cuda | cuda:N | auto (hf backend)")
     p.add_argument("--dtype", default=None,
                    help="weights dtype (default float32; vLLM's auto runs a float32 checkpoint in bfloat16/float16)")
     p.add_argument("--max-length", type=positive_int, default=None, help="context length (default: the model config's)")

@@ -51,5 +51,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"train loss {result.losses[0]:.4f} → {result.losses[-1]:.4f} over {cfg.steps} steps "
           f"({result.trainable_params} LoRA parameters, {result.seconds:.1f}s)")
     save_healed(result, tok, args.out, info)
+    kept = result.extras.get("kept_zeros")
+    if kept:
+        print(f"kept the pruned zeros after merging: {kept}")
     print(f"wrote {args.out} ({'merged model' if result.merged else 'LoRA adapter'})")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -48,15 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-example", action="store_true", help="keep s_i^l for every train example in the file")
     INFLUENCE_OPTIONS.add_to(p.add_argument_group("LayerIF engine (InfluenceConfig)"))
     p.add_argument("--nproc", type=positive_int, default=None,
-                   help="data-parallel over N processes on this machine (relaunches itself with torchrun)")
+                   help="data-parallel over N processes on this machine (relaunches itself as N workers, as torchrun "
+                        "would; a signal to this process reaches every worker)")
     add_progress_args(p)
     p.add_argument("--out", required=True, help="scores JSON path (written atomically; see --overwrite)")
     declare_paths(p, files={"out": "json"}, inputs=("model", "tokenizer", "train", "val", "calib", "checkpoint_dir"))
     p.set_defaults(func=run)
 
 
-def _relaunch_with_torchrun(args: argparse.Namespace) -> int:
-    """``--nproc N``: rerun this very command under ``torch.distributed.run`` with N processes."""
+def _relaunch_data_parallel(args: argparse.Namespace) -> int:
+    """``--nproc N``: rerun this very command as N data-parallel workers (torchrun's environment, gloo / nccl)."""
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("layerif", "cli", "__main__.py")) else []
     if not argv or "--nproc" not in " ".join(argv):
         raise ConfigError("--nproc relaunches the `layerif score ...` command line; run it from the shell, "
@@ -72,14 +72,14 @@ def _relaunch_with_torchrun(args: argparse.Namespace) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "layerif_plugins.cli", *rest]
-    return subprocess.run(cmd, check=False).returncode
+    # torchrun's environment, one process group: SIGTERM / Ctrl-C here reach every worker, and the
+    # command reports only once all of them have exited (engine.distributed.launch_workers)
+    return dd.launch_workers(rest, args.nproc)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _relaunch_with_torchrun(args)
+        return _relaunch_data_parallel(args)
     dist_device = dd.init_from_env(resolve_device(args.device).type)
     if dist_device is not None:
         args.device = str(dist_device)

@@ -2,8 +2,11 @@
 
 Each finished pass writes its (already reduced) results to ``<dir>/<pass>.pt`` atomically,
 on rank 0. ``meta.json`` holds the run's fingerprint - model, data hashes and every option
-that changes the numbers; a directory written for another run is refused, naming the field
-that differs, instead of silently mixing results. A damaged directory (a truncated
+that changes the numbers, the weights fingerprint included
+(:func:`~layerif_plugins.models.fingerprint.weights_fingerprint`: replaced weights under the same
+config are refused, naming both fingerprints; a directory from before the fingerprint is
+accepted); a directory written for another run is refused, naming the field that differs,
+instead of silently mixing results. A damaged directory (a truncated
 ``meta.json`` or pass file, pass files without ``meta.json``, a file where the directory
 goes) is refused in one line that names it and says to delete it to start over.
 """
@@ -38,7 +41,10 @@ class PassCheckpoints:
         meta = self.dir / "meta.json"
         if meta.exists():
             old = self._read_meta(meta)
+            self._check_model(old.get("model"), self.fingerprint.get("model"))
             for key in sorted(set(old) | set(self.fingerprint)):
+                if key == "model":
+                    continue
                 if old.get(key) != self.fingerprint.get(key):
                     raise ConfigError(
                         f"checkpoint directory {self.dir} belongs to a different run: {key} was "
@@ -52,6 +58,35 @@ class PassCheckpoints:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(meta, self.fingerprint)
         dd.barrier()
+
+    def _check_model(self, old: Any, new: Any) -> None:
+        """Refuse a directory of another model: architecture fields by name, then the weights fingerprint.
+
+        A directory written before the weights fingerprint existed (no ``weights`` in its
+        ``model`` block) is accepted, with a debug log; so is a model whose weights cannot be
+        fingerprinted (offloaded) or were fingerprinted at another precision.
+        """
+        from layerif_plugins.models.fingerprint import same_weights
+
+        old_d = old if isinstance(old, dict) else {"": old}
+        new_d = new if isinstance(new, dict) else {"": new}
+        for key in sorted((set(old_d) | set(new_d)) - {"weights"}):
+            if old_d.get(key) != new_d.get(key):
+                raise ConfigError(
+                    f"checkpoint directory {self.dir} belongs to a different run: model{'.' + key if key else ''} was "
+                    f"{old_d.get(key)!r} there and is {new_d.get(key)!r} now. "
+                    "Use another --checkpoint-dir, or delete it to start over."
+                )
+        same = same_weights(old_d.get("weights"), new_d.get("weights"))
+        if same is False:
+            raise ConfigError(
+                f"checkpoint directory {self.dir} was written for other weights: weights fingerprint "
+                f"{old_d['weights']} there, {new_d['weights']} now (same config: the model's weights were replaced). "
+                "Resuming would mix two models' results: use another --checkpoint-dir, or delete it to start over."
+            )
+        if same is None:
+            logger.debug("checkpoint %s: weights not compared (%s there, %s now): an older directory, an offloaded "
+                         "model or another precision", self.dir, old_d.get("weights"), new_d.get("weights"))
 
     def _damaged(self, what: str) -> NoReturn:
         raise ConfigError(f"checkpoint directory {self.dir} is damaged: {what}; delete it to start over "

@@ -79,6 +79,21 @@ def threads_env(num_threads: int | None = None, wait_policy: str | None = "PASSI
     return env
 
 
+def env_threads() -> int:
+    """``OMP_NUM_THREADS`` as a thread count >= 1; else :class:`ConfigError` naming the variable.
+
+    OpenMP takes the first entry of a comma list (nested levels), so ``"4,2"`` is 4.
+    """
+    from layerif_plugins.errors import ConfigError
+
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    first = text.split(",")[0].strip()
+    if not first.isdigit() or int(first) < 1:
+        raise ConfigError(f"OMP_NUM_THREADS={text!r} is not a thread count: set it to a whole number >= 1 "
+                          "(e.g. OMP_NUM_THREADS=2), or unset it to use every available CPU")
+    return int(first)
+
+
 def configure_threads(num_threads: int | None = None, wait_policy: str | None = None) -> ThreadSettings:
     """Apply the thread defaults (see module docstring); arguments win over variables over defaults.
 
@@ -101,9 +116,11 @@ def configure_threads(num_threads: int | None = None, wait_policy: str | None = 
                         "export it in the shell (or call configure_threads before importing torch)", policy)
 
     if num_threads is not None:
-        threads, source = int(num_threads), "argument"
-    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-        threads, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+            raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+        threads, source = num_threads, "argument"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        threads, source = env_threads(), "OMP_NUM_THREADS"
     else:
         threads, source = available_cpus(), "default"
     if threads < 1:

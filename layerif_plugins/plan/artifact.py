@@ -22,7 +22,7 @@ from torch import nn
 from layerif_plugins.errors import AllocationError
 from layerif_plugins.io import atomic_write_json
 from layerif_plugins.models import fingerprint
-from layerif_plugins.models.fingerprint import ModelFingerprint
+from layerif_plugins.models.fingerprint import ModelFingerprint, same_weights
 from layerif_plugins.scores import library_versions
 
 PLAN_FORMAT_VERSION = 1
@@ -173,6 +173,11 @@ class AllocationPlan:
                         f"{where} was made for another model: {name} is {mine!r} in the plan (model "
                         f"{self.model.name_or_path!r}) but {theirs!r} in the model it is applied to; make a new "
                         "plan for this model")
+            if same_weights(self.model.weights, other.weights) is False:
+                raise AllocationError(
+                    f"{where} was made for other weights: weights {self.model.weights} in the plan but "
+                    f"{other.weights} in the model it is applied to (same config, other checkpoint); make a new "
+                    "plan for these weights")
         if target is not None and abs(float(target) - self.target) > 1e-9:
             raise AllocationError(f"{where} was made for target sparsity {self.target}, not {target}; make a new "
                                   "plan or set sparsity to the plan's target")

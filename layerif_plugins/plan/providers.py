@@ -21,6 +21,7 @@ planner.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,15 +60,16 @@ class Tried:
     loss: float | None
 
 
-class Provider:
+class Provider(ABC):
     """Base: ``name``, and :meth:`propose` returning the next stage of candidates (``[]`` = done)."""
 
     name: str
     #: simplicity rank for ``auto``'s rule (uniform 0, ATP 1, the rest 2)
     simplicity: int = 2
 
+    @abstractmethod
     def propose(self, mine: Sequence[Tried], everything: Sequence[Tried]) -> list[Proposal]:
-        raise NotImplementedError
+        """The next candidates, given this provider's evaluated ones and every evaluated candidate."""
 
 
 def _proposal(provider: str, knobs: dict[str, Any], make: Callable[[], list[float]]) -> Proposal:

@@ -153,6 +153,19 @@ def calibration_batches(examples: Any, batch_size: int) -> list[dict[str, Any]]:
     return out
 
 
+def check_path_args(**paths: Any) -> None:
+    """API type check: every path argument is a ``str`` / ``os.PathLike`` (``None`` where optional)."""
+    import os
+
+    for name, value in paths.items():
+        if value is None and name not in ("model_path", "out", "calib"):
+            continue
+        if not isinstance(value, str | os.PathLike):
+            hint = ("; for a model already loaded in Python use llm-compressor's oneshot(model=…, recipe=[modifier]) "
+                    "with a LayerIF modifier" if name == "model_path" else "")
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}{hint}")
+
+
 def check_prune_request(algorithm: str, sparsity: float, batch_size: int, options: AllocationOptions,
                         holdout_args: dict[str, Any], scores: Any, plan: Any) -> None:
     """Everything about the options that can be refused before a model is loaded."""
@@ -228,6 +241,8 @@ def prune_model(
     the run succeeds: rerunning an interrupted command resumes from the last finished candidate.
     Returns the report written to ``out/sparsity_report.json``.
     """
+    check_path_args(model_path=model_path, out=out, calib=calib, scores=scores, plan=plan, holdout=holdout,
+                    save_plan=save_plan)
     options = options or AllocationOptions(**allocation)
     holdout_args = {"n_holdout": n_holdout, "holdout": holdout, "holdout_length": holdout_length}
     check_prune_request(algorithm, sparsity, batch_size, options, holdout_args, scores, plan)
@@ -279,6 +294,7 @@ def plan_pruning(
     """
     from layerif_plugins.io import check_out_file
 
+    check_path_args(model_path=model_path, out=out, calib=calib, scores=scores, holdout=holdout)
     options = options or AllocationOptions(**allocation)
     holdout_args = {"n_holdout": n_holdout, "holdout": holdout, "holdout_length": holdout_length}
     check_prune_request(algorithm, sparsity, batch_size, options, holdout_args, scores, None)

@@ -278,8 +278,8 @@ def recipe_yaml(recipe: dict[str, Any], assignment: PrecisionAssignment | None =
 # ---------------------------------------------------------------- the whole run
 
 
-def _load(model_path: str | Path, work: str) -> tuple[Any, Any, Path]:
-    """Model and tokenizer as ``oneshot`` loads them from a directory (``dtype="auto"``), and that directory."""
+def _load(model_path: str | Path, work: str) -> tuple[Any, Any]:
+    """Model and tokenizer as ``oneshot`` loads them from a directory (``dtype="auto"``); never a quantized one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layerif_plugins.models import model_dir_for
@@ -290,7 +290,7 @@ def _load(model_path: str | Path, work: str) -> tuple[Any, Any, Path]:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     limit_to_positions(tokenizer, config.get("max_position_embeddings"))
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto"), tokenizer, Path(model_dir)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto"), tokenizer
 
 
 def _dataset(examples: Any) -> Any:
@@ -363,7 +363,7 @@ def quantize_model(
                         inputs={"model": [model_path], "calib": [calib], "scores": [scores]})
     loaded = LayerScores.load(scores) if scores is not None else None
     with tempfile.TemporaryDirectory(prefix="layerif-quantize-") as work:
-        model, tokenizer, _ = _load(model_path, work)
+        model, tokenizer = _load(model_path, work)
         params = layer_params(model)
         menu = menu_for(device_target, dense_bits_of(model))
         if loaded is not None:

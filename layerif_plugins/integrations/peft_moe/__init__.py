@@ -24,6 +24,7 @@ names the plugin. :func:`load_lora_moe` and :func:`check_adapter_dir` give the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -105,10 +106,17 @@ def is_registered() -> bool:
 
 
 def check_adapter_dir(path: str | Path) -> dict[str, Any]:
+    """Read ``adapter_config.json`` of ``path`` and check its weight files (see :func:`_check_adapter`); the config."""
+    return _check_adapter(path)[0]
+
+
+def _check_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read ``adapter_config.json`` of ``path`` and check its weight files; raise a clear error when it cannot load.
 
     Says what to import when the adapter is LoRA-MoE and the plugin is not registered, and
-    names the type when the directory holds another PEFT method.
+    names the type when the directory holds another PEFT method. The config must be a JSON
+    object whose fields pass :class:`LoraMoeConfig`'s checks (finite numbers in range, whole
+    counts): an edited file is refused here, naming the field, not inside PEFT.
     """
     cfg_path = Path(path) / "adapter_config.json"
     if not cfg_path.is_file():
@@ -117,20 +125,71 @@ def check_adapter_dir(path: str | Path) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{cfg_path}: not valid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{cfg_path}: not UTF-8 text (not an adapter config)") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_path}: an adapter config is a JSON object, got a {type(cfg).__name__}; restore "
+                          "the file or rebuild the adapter with `layerif moe`")
     peft_type = cfg.get("peft_type")
     if peft_type != LORA_MOE_PEFT_TYPE:
         raise ConfigError(f"{path} holds a {peft_type!r} adapter, not LoRA-MoE ({LORA_MOE_PEFT_TYPE!r})")
     if not is_registered():
         raise ConfigError(f"{path}: {IMPORT_HINT}")
+    known = {f.name for f in dataclasses.fields(LoraMoeConfig) if f.init}
+    try:
+        LoraMoeConfig(**{k: v for k, v in cfg.items() if k in known and k != "peft_type"})
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{cfg_path}: {exc} (an edited adapter config: restore it or rebuild the adapter with "
+                          "`layerif moe`)") from exc
     from layerif_plugins.models.integrity import check_adapter_files
 
-    check_adapter_files(path)  # truncated / corrupt / non-finite weights: one ModelError, not a SafetensorError
-    return cfg
+    saved = check_adapter_files(path)  # truncated / corrupt / non-finite weights: one ModelError, not a SafetensorError
+    return cfg, saved
+
+
+def _check_loaded(peft_model: Any, path: Path, saved: dict[str, Any]) -> None:
+    """Refuse an adapter whose config built other tensors than the ones saved (names and shapes)."""
+    from peft.utils import get_peft_model_state_dict
+
+    built = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    stored = {k: tuple(info.shape) for k, info in saved.items()}
+    dropped = sorted(set(stored) - set(built))
+    missing = sorted(set(built) - set(stored))
+    reshaped = sorted(k for k in set(built) & set(stored) if built[k] != stored[k])
+    if not (dropped or missing or reshaped):
+        return
+    parts = []
+    if dropped:
+        parts.append(f"{len(dropped)} saved tensors have no place in the model the config builds (e.g. {dropped[0]}: "
+                     "target_modules / layers lists fewer modules than were trained)")
+    if missing:
+        parts.append(f"{len(missing)} tensors the config builds were not saved (e.g. {missing[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} tensors have other shapes (e.g. {k}: {stored[k]} saved, {built[k]} from the "
+                     "config: r or the expert counts were changed)")
+    raise ConfigError(f"{path}: adapter_config.json and the saved weights disagree: {'; '.join(parts)}. Restore the "
+                      "config, or rebuild the adapter with `layerif moe`")
 
 
 def load_lora_moe(model: Any, path: str | Path, is_trainable: bool = False, **kwargs: Any) -> Any:
-    """``PeftModel.from_pretrained`` for a LoRA-MoE adapter, with clear errors first."""
+    """``PeftModel.from_pretrained`` for a LoRA-MoE adapter, with clear errors first.
+
+    Refuses (:class:`ConfigError`) an adapter whose config and saved tensors disagree:
+    tensors PEFT would drop silently (a config naming fewer ``target_modules``), tensors it
+    would leave at their initial values, and shape mismatches (an edited ``r`` or expert
+    pattern), which PEFT reports as a ``RuntimeError``.
+    """
     from peft import PeftModel
 
-    check_adapter_dir(path)
-    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable, **kwargs)
+    _, saved = _check_adapter(path)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable, **kwargs)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))[:300]
+        raise ConfigError(f"{path}: adapter_config.json and the saved weights disagree ({first}); r or the expert "
+                          "counts were changed. Restore the config, or rebuild the adapter with `layerif moe`") from exc
+    _check_loaded(peft_model, Path(path), saved)
+    return peft_model

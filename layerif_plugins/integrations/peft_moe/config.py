@@ -12,6 +12,7 @@ from typing import Any
 from peft.config import PeftConfig
 
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.fields import check_number
 from layerif_plugins.integrations.peft_moe.peft_type import LORA_MOE_PEFT_TYPE, lora_moe_peft_type
 from layerif_plugins.models.families import LLAMA_PROJECTIONS
 
@@ -168,11 +169,14 @@ class LoraMoeConfig(PeftConfig):
         for name, value in (("r", self.r), ("num_experts", self.num_experts), ("top_k", self.top_k)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        # the floats (from a recipe or an adapter_config.json): finite, JSON numbers, in range - a NaN
+        # lora_alpha or router_aux_loss_coef would train to NaN without a word
+        # (checked, not converted: an int stays an int in the saved config)
+        check_number(self.lora_alpha, "lora_alpha", minimum=0, exclusive_minimum=True)
+        if check_number(self.lora_dropout, "lora_dropout", minimum=0) >= 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.router_aux_loss_coef < 0:
-            raise ConfigError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
-        if not 0.0 <= self.router_jitter < 1.0:
+        check_number(self.router_aux_loss_coef, "router_aux_loss_coef", minimum=0)
+        if check_number(self.router_jitter, "router_jitter", minimum=0) >= 1.0:
             raise ConfigError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
         self._check_layer_selection()
         for attr in ("num_experts_pattern", "top_k_pattern"):
