@@ -18,6 +18,7 @@ ranks the scores (shifted by their minimum), negated scores would silently inver
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -149,12 +150,26 @@ def check_score_values(values: Any, method: str, source: str = "scores") -> list
     return out
 
 
+#: method → the direction its scorer declared; filled by ``scorers.registry.register_scorer`` (the registry
+#: depends on this module, never the other way round)
+DECLARED_DIRECTIONS: dict[str, ScoreDirection] = {}
+
+
+def declare_direction(method: str, direction: ScoreDirection) -> None:
+    """Record the direction a scorer declares (called by ``register_scorer``)."""
+    DECLARED_DIRECTIONS[method] = direction
+
+
+def _declared() -> dict[str, ScoreDirection]:
+    """The declared directions, after the built-in scorers have registered (plugin discovery, by name)."""
+    if not DECLARED_DIRECTIONS:
+        importlib.import_module("layerif_plugins.scorers")
+    return DECLARED_DIRECTIONS
+
+
 def registered_direction(method: str) -> ScoreDirection | None:
     """The direction the scorer ``method`` declared at registration, or None when no such scorer is registered."""
-    from layerif_plugins.scorers.registry import SCORERS  # the registry imports this module
-
-    spec = SCORERS.get(method)
-    return spec.direction if spec is not None else None
+    return _declared().get(method)
 
 
 def direction_of_method(method: str) -> ScoreDirection:
@@ -188,10 +203,8 @@ def as_direction(value: ScoreDirection | str) -> ScoreDirection:
         return registered
     if value in _LEGACY_DIRECTIONS:
         return _LEGACY_DIRECTIONS[value]
-    from layerif_plugins.scorers.registry import SCORERS
-
     raise ScoresError(f"unknown score direction {value!r}: give one of {[d.value for d in ScoreDirection]} "
-                      f"or a scoring method ({', '.join(sorted(SCORERS))})")
+                      f"or a scoring method ({', '.join(sorted(_declared()))})")
 
 
 def _check_stored_direction(stored: ScoreDirection, method: str, source: str) -> None:

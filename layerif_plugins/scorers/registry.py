@@ -23,7 +23,7 @@ from torch import nn
 
 from layerif_plugins.data import Examples
 from layerif_plugins.errors import ConfigError, DataError, ScoresError
-from layerif_plugins.scores import LayerScores, ScoreDirection
+from layerif_plugins.scores import LayerScores, ScoreDirection, declare_direction
 
 
 @dataclass
@@ -105,6 +105,7 @@ def register_scorer(
             raise ConfigError(f"scorer {name!r} is already registered")
         SCORERS[name] = ScorerSpec(name, fn, tuple(needs), description or (fn.__doc__ or "").strip().split("\n")[0],
                                    direction=ScoreDirection.parse(direction, f"scorer {name!r}"))
+        declare_direction(name, SCORERS[name].direction)
         return fn
 
     return deco
