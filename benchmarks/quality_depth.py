@@ -2,7 +2,7 @@
 
 Layers chosen by angular distance (contiguous block), Block Influence (lowest BI), LayerIF
 (highest scores = least well-trained) and the last-layers baseline (which is also what the
-depth ramp of METHOD.md §5 drops); perplexity on the task's fixed evaluation documents
+depth ramp of docs/method.md §5 drops); perplexity on the task's fixed evaluation documents
 before and after the same LoRA healing run (MLP modules, same steps, data, seed and
 learning rate for every model, the full model included); and the wall-clock greedy
 generation speed (KV cache) of the shallower models relative to the full one.

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostlibs import require
 
 from layerif_plugins.cli import main
 from layerif_plugins.errors import ModelError
 from layerif_plugins.models import catalogue, load_model_and_tokenizer
 from layerif_plugins.models.catalogue import CATALOGUE, CatalogueEntry, fetch, local_path, resolve_model
 
-pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'layerif-plugins[gguf]')")
+require("gguf", "gguf")
 from test_gguf import write_stories_gguf  # noqa: E402  (the GGUF writer lives with the GGUF tests)
 
 MEMBER = "llm_tinystories/stories260K.F32.gguf"

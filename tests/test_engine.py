@@ -1,4 +1,4 @@
-"""The fast engine against the slow per-pair oracle, on the real stories260K and real data."""
+"""The engine against the slow per-pair oracle, on the real stories260K and real data."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def task(stories_dir, tinystories_train, tinystories_valid):
 
 
 @pytest.mark.parametrize("params", ["attn", "mlp", "all"])
-def test_fast_equals_reference_float64(stories, task, params):
+def test_engine_equals_reference_float64(stories, task, params):
     model, _ = stories
     model = model.double()
     train, val = task
@@ -46,7 +46,7 @@ def test_fast_equals_reference_float64(stories, task, params):
         assert torch.allclose(torch.tensor(summed.layer_scores, dtype=torch.float64), s_ref, rtol=1e-6)
 
 
-def test_fast_equals_reference_float32(stories, task):
+def test_engine_equals_reference_float32(stories, task):
     model, _ = stories
     train, val = task
     ref = reference_influence(model, train, val, params="all")

@@ -64,7 +64,7 @@ def test_budget_fallback_keeps_scores_and_logs_why(stories, task, caplog):
     train, val = task
     four = compute_influence(model, train, val, 0, _cfg(params="attn", mode="four-pass"))
     # nothing fits: the four-pass cost, with a warning naming the budget
-    with caplog.at_level(logging.WARNING, logger="layerif_plugins.engine.fast"):
+    with caplog.at_level(logging.WARNING, logger="layerif_plugins.engine.runner"):
         none = compute_influence(model, train, val, 0, _cfg(params="attn", mode="one-pass", max_factor_memory="1KB"))
     assert "0 of 3 train batches fit in max_factor_memory" in caplog.text
     assert none.model_batches == four.model_batches

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostlibs import require
 
 from layerif_plugins.cli import main
 from layerif_plugins.data import read_records
@@ -21,7 +22,7 @@ from layerif_plugins.errors import ModelError
 from layerif_plugins.models import load_model_and_tokenizer, model_dir_for
 from layerif_plugins.models.llama2c import SPACE, SPECIAL_PIECES, load_llama2c_model, read_llama2c_vocab
 
-gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'layerif-plugins[gguf]')")
+gguf = require("gguf", "gguf")
 
 
 def _interleave(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -187,7 +187,7 @@ def test_owl_outlier_ratio_by_hand(stories, tinystories_train):
     assert s.scores[2] == pytest.approx(100.0 * int((a > 5 * a.mean()).sum()) / a.numel(), abs=1e-12)
 
 
-# ----------------------------------------------------------------------------- depth_ramp (METHOD.md §5 control)
+# ----------------------------------------------------------------------------- depth_ramp (docs/method.md §5 control)
 
 def test_depth_ramp_is_the_layer_index(stories, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM

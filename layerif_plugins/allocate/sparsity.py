@@ -33,7 +33,7 @@ MAX_SPARSITY = 0.99
 #: Every per-layer sparsity allocation (name = the scoring method behind it, ``uniform``: none)
 #: with the spread its reference uses: LayerIF's Wanda/SparseGPT scripts ε = 0.1, OWL's
 #: λ = 0.08, AlphaPruning's ε = 0.2 (docs/method.md §2b, §3); the depth-ramp control
-#: (score = layer index, METHOD.md §5) was measured with ε = 0.1; uniform has none.
+#: (score = layer index, docs/method.md §5) was measured with ε = 0.1; uniform has none.
 REFERENCE_EPSILON: dict[str, float] = {"layerif": 0.1, "owl": 0.08, "alpha_hill": 0.2, "depth_ramp": 0.1,
                                        "uniform": 0.0}
 #: allocations whose per-layer list comes from a scores file through a spread (§2b or OWL's mapping)
@@ -255,7 +255,7 @@ def sparsity_from_scores(
     ``direction`` is the scores' :class:`ScoreDirection` (``LayerScores.direction``); a
     method name is accepted too and read as that method's direction. ``invert`` reverses
     the mapping (the scores are negated): more sparsity where the scores say less. On
-    SmolLM2 the inverted LayerIF mapping beat the §2b one (docs/METHOD.md §5), so
+    SmolLM2 the inverted LayerIF mapping beat the §2b one (docs/method.md §5), so
     ``epsilon: auto`` tries both.
     """
     direction = as_direction(direction)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import signal
 import sys
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="layerif", description="Layer-wise influence scores for LLM pruning (llm-compressor) and LoRA-MoE (PEFT)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and host libraries' logs on stderr instead of a log file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if mod.name.startswith("_") or mod.name == "common":
@@ -83,17 +85,18 @@ def _os_error(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
     name = f"layerif {args.command}"
     from layerif_plugins.cli.common import check_paths
+    from layerif_plugins.console import command_console  # host libraries' logs → a log file (--verbose: stderr)
     from layerif_plugins.io import replacing
+
+    spec = getattr(args, "path_spec", None)
+    out_dirs = [getattr(args, d) for d in (spec.dirs if spec else ()) if getattr(args, d, None)]
 
     try:
         with _sigterm_raises():
             approved = check_paths(args)  # before any work: --out type, writability, --overwrite, inputs
-            with replacing(*approved):
+            with replacing(*approved), command_console(args.command, verbose=args.verbose, out_dirs=out_dirs):
                 return int(args.func(args) or 0)
     except LayerIFError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
@@ -118,15 +121,20 @@ def console_main() -> int:
     itself once with it set unless the user chose a policy (``OMP_WAIT_POLICY=ACTIVE`` keeps
     spinning). See :mod:`layerif_plugins.engine.threads`. Tests call :func:`main` in-process instead.
     """
-    from layerif_plugins.engine.threads import configure_threads, reexec_with_wait_policy
+    from layerif_plugins.engine.threads import configure_threads, env_threads, reexec_with_wait_policy
 
     try:
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            env_threads()  # a bad value is refused before the restart below (one line, naming the variable)
         reexec_with_wait_policy()
         configure_threads()
         return main()
     except KeyboardInterrupt:  # before main's own handling (while torch is imported)
         print("layerif: error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except LayerIFError as exc:  # before main's own handling: the environment (OMP_NUM_THREADS=0)
+        print(f"layerif: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", default=None,
                    help="depth-pruning methods to compare too, comma-separated (e.g. angular,layerif,last)")
     group = p.add_argument_group("demo settings (DemoConfig)",
-                                 "defaults shown are stories260K's; smollm2-135m has its own (pipelines/demo.py)")
+                                 "defaults shown are stories260K's; smollm2-135m has its own "
+                                 "(pipelines/demo_presets.py)")
     DEMO_OPTIONS.add_to(group)
     for action in group._group_actions:  # only options given on the command line override the model's config
         action.default = argparse.SUPPRESS

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="total number of experts T over all layers (>= layers; at most layers × hidden size / r)")
     p.add_argument("--beta", type=finite_float, default=2.5, help="exponent β of the score → experts mapping")
     p.add_argument("--layout", default="layerif", choices=LAYOUTS,
-                   help="layerif (METHOD §2a), alphalora (alpha_hill scores, AlphaLoRA rounding), MoLA, uniform")
+                   help="layerif (docs/method.md §2a), alphalora (alpha_hill scores, AlphaLoRA rounding), MoLA, "
+                        "uniform")
     p.add_argument("--max-top-k", type=positive_int, default=2, help="router top-k of layers with more than one expert")
     p.add_argument("--r", type=positive_int, default=8, help="rank of every LoRA expert")
     p.add_argument("--lora-alpha", type=int, default=16)

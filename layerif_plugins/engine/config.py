@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from dataclasses import asdict, dataclass, field
@@ -9,63 +10,59 @@ from typing import Any, Literal
 
 import torch
 
+from layerif_plugins.engine.factors import parse_bytes
 from layerif_plugins.errors import ConfigError
 
 
+def _document_fields(cls: type) -> type:
+    """Append an ``Args:`` section built from each field's ``help`` metadata: the one copy of that text.
+
+    ``layerif score --help`` shows the same metadata (:class:`~layerif_plugins.cli.common.ConfigOptions`),
+    so the help cannot drift between the command line and ``help(InfluenceConfig)``.
+    """
+    lines = [f"        {f.name}: {f.metadata['help']}" for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Args:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+@_document_fields
 @dataclass
 class InfluenceConfig:
-    """How to compute LayerIF.
+    """How to compute LayerIF (each field's description is its ``help`` metadata, listed below).
 
-    Args:
-        params: parameter group of each block: ``"attn"`` (q,k,v,o: the reference),
-            ``"mlp"`` or ``"all"``.
-        damping: the λ factor: ``λ_w = damping · mean_i ||g_{i,w}||² / numel(w)`` (0.1 in DataInf).
-        batch_size: examples per forward/backward in every pass.
-        pairwise: also return the full ``IF_l(i, j)`` matrices (L×n×m); needs m
-            gradient-sized vectors per module, so keep m small.
-        grad_mode: ``"auto"`` picks per module between materialized per-example gradients
-            (fewer FLOPs) and ghost products (less memory) by ``materialize_limit_bytes``.
-        materialize_limit_bytes: largest transient per-example-gradient tensor (batch ×
-            d_out × d_in × bytes) the auto mode allows.
-        max_tokens_per_batch: optional cap on padded tokens per batch (batch × longest
-            example); batches are cut at ``batch_size`` examples or this many tokens.
-        checkpoint_dir: when set, every finished pass is saved there and a rerun of the
-            same command resumes from the last finished pass.
-        gradient_checkpointing: recompute block activations in the backward pass (HF's
-            ``gradient_checkpointing_enable``) to cut autograd memory on large models.
-        show_progress: tqdm bars on every pass.
-        mode: ``"four-pass"`` runs the model over the train set three times and holds no
-            per-example state (memory O(parameters)); ``"one-pass"`` runs it once and holds every
-            train example's factors (each projection's inputs ``A_i`` and output gradients ``B_i``,
-            or its materialized gradient where that is smaller) to get ``λ``, ``u`` and ``gᵀu``
-            without more model passes; ``"auto"`` holds what fits in ``max_factor_memory``.
-            All modes give the same scores (bit-identical where factors, not materialized
-            gradients, are held; float rounding otherwise). Batches whose factors are not held
-            cost two more model passes each, so a budget that is too small degrades gracefully
-            towards the four-pass cost, never past it.
-        max_factor_memory: budget for the held factors, in bytes or as a string (``"4GB"``,
-            ``"512MiB"``); ``None`` = half the memory free on the model's device when scoring starts.
+    :meth:`validate` (run when the config is made, and again when the engine starts) is the one
+    check of every field's value.
     """
 
     params: Literal["attn", "mlp", "all"] = field(default="attn", metadata={
         "help": "parameter group per block (attn = q,k,v,o: the reference)"})
-    damping: float = field(default=0.1, metadata={"help": "λ_w = damping · mean ||g||² / numel"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
+    damping: float = field(default=0.1, metadata={
+        "help": "the λ factor: λ_w = damping · mean_i ||g_{i,w}||² / numel(w) (0.1 in DataInf)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward in every pass"})
     pairwise: bool = field(default=False, metadata={
-        "help": "keep the full IF_l(i,j) matrices (small validation sets only)"})
+        "help": "also return the full IF_l(i,j) matrices (L×n×m); needs m gradient-sized vectors per module, "
+                "so keep the validation set small"})
     grad_mode: Literal["auto", "ghost", "materialize"] = field(default="auto", metadata={
-        "help": "per-example gradient statistics: materialized (fewer FLOPs) or ghost (less memory)"})
+        "help": "per-example gradient statistics: materialized (fewer FLOPs) or ghost products (less memory); "
+                "auto picks per module by materialize_limit_bytes"})
     materialize_limit_bytes: int = field(default=512 * 2**20, metadata={
-        "help": "largest transient per-example-gradient tensor grad_mode=auto allows (bytes)"})
-    max_tokens_per_batch: int | None = field(default=None, metadata={"help": "cap padded tokens per batch"})
+        "help": "largest transient per-example-gradient tensor (batch × d_out × d_in × bytes) grad_mode=auto "
+                "allows"})
+    max_tokens_per_batch: int | None = field(default=None, metadata={
+        "help": "cap on padded tokens per batch (batch × longest example): batches are cut at batch_size "
+                "examples or this many tokens"})
     checkpoint_dir: str | None = field(default=None, metadata={
         "help": "save each finished pass here; rerunning the same command resumes from it"})
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass (large models)"})
-    show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+        "help": "recompute block activations in the backward pass (HF gradient_checkpointing_enable) to cut "
+                "autograd memory on large models"})
+    show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars on every pass"})
     mode: Literal["auto", "one-pass", "four-pass"] = field(default="auto", metadata={
-        "help": "train passes: one-pass holds per-example factors (needs memory, 1 train pass), four-pass "
-                "holds none (3 train passes), auto holds what fits in --max-factor-memory; same scores"})
+        "help": "train passes: four-pass runs the model over the train set three times and holds no "
+                "per-example state; one-pass runs it once and holds every train example's factors (each "
+                "projection's inputs and output gradients, or its materialized gradient where smaller); auto "
+                "holds what fits in max_factor_memory, and batches not held cost two more model passes each. "
+                "All modes give the same scores (bit-identical where factors are held)"})
     max_factor_memory: int | str | None = field(default=None, metadata={
         "help": "memory budget for the one-pass factors, bytes or e.g. 4GB / 512MiB (default: half the "
                 "free memory of the model's device)"})
@@ -76,10 +73,14 @@ class InfluenceConfig:
                     "max_factor_memory")
 
     def __post_init__(self) -> None:
-        """Refuse impossible values when the config is made (before any model is loaded), naming the option.
+        self.validate()
 
-        A NaN ``damping`` would otherwise pass ``damping <= 0`` and surface only as
-        "non-finite scores" after the whole computation.
+    def validate(self) -> None:
+        """Refuse impossible values, naming the option: the one check of every field.
+
+        Run when the config is made (before any model is loaded) and again by the engine. A NaN
+        ``damping`` would otherwise pass ``damping <= 0`` and surface only as "non-finite scores"
+        after the whole computation.
         """
         for name in ("params", "grad_mode", "mode"):
             choices = typing.get_args(typing.get_type_hints(type(self))[name])
@@ -98,6 +99,7 @@ class InfluenceConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 option = name.replace("_", "-")
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r} (option --{option})")
+        parse_bytes(self.max_factor_memory)  # "4GB", "512MiB", bytes or None; anything else names the value
 
     def numeric_options(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}

@@ -1,6 +1,6 @@
 """The demo's report: ``report.md`` (prose and tables), its PNG plots and ``summary.json``.
 
-Everything here reads one :class:`~layerif_plugins.pipelines.demo.DemoResult`; the words
+Everything here reads one :class:`~layerif_plugins.pipelines.demo_result.DemoResult`; the words
 that depend on the model and the tasks come from its :class:`DemoConfig`, so a new demo
 configuration gets a matching report without new code.
 """
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from layerif_plugins.io import atomic_write_text
-from layerif_plugins.pipelines.demo import DemoResult
+from layerif_plugins.pipelines.demo_result import DemoResult
 from layerif_plugins.report import (
     allocations_markdown,
     eval_markdown,
@@ -24,7 +24,9 @@ from layerif_plugins.report import (
     sweep_markdown,
 )
 
-ALLOCATION_NAMES = {"uniform": "uniform", "owl": "OWL", "layerif": "LayerIF", "alpha_hill": "AlphaPruning"}
+#: how the report names each allocation of :data:`~layerif_plugins.allocate.sparsity.ALLOCATIONS`
+ALLOCATION_NAMES = {"uniform": "uniform", "owl": "OWL", "layerif": "LayerIF", "alpha_hill": "AlphaPruning",
+                    "depth_ramp": "depth ramp"}
 
 
 def write_plots(result: DemoResult) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""The depth-ramp control: score = layer index (docs/METHOD.md §5).
+"""The depth-ramp control: score = layer index (docs/method.md §5).
 
 On SmolLM2-135M a plain linear ramp over depth allocates Wanda sparsity as well as the
 best LayerIF variant (deeper layers pruned harder, early ones spared). It needs neither
@@ -30,5 +30,5 @@ def score_depth_ramp(model: nn.Module, data: ScoringData | None = None) -> Layer
         model=fp,
         params={"score": "layer index (0 = first decoder block)"},
         data=data.fingerprints() if data is not None else {},
-        higher_is="deeper layer (more sparsity, more experts, dropped first): the depth control of METHOD.md §5",
+        higher_is="deeper layer (more sparsity, more experts, dropped first): the depth control of docs/method.md §5",
     )

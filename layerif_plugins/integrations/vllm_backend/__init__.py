@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from layerif_plugins.console import host_stream
 from layerif_plugins.errors import ConfigError, ModelError
 from layerif_plugins.evaluation.checks import check_vllm_dir
 from layerif_plugins.evaluation.perplexity import (
@@ -227,7 +227,7 @@ def run_worker(
             assert proc.stdout is not None
             for line in proc.stdout:
                 tail.append(line.rstrip())
-                sys.stderr.write(line)
+                host_stream().write(line)  # the worker's output is the host's: the log, not the console
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
