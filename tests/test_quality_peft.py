@@ -1,0 +1,91 @@
+"""benchmarks/quality_peft.py: method names, AdaLoRA's schedule, the paired statistics, and a small real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def qp():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("quality_peft", BENCH / "quality_peft.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_method_names(qp):
+    assert qp.method_parts("lora") == ("lora", "uniform", False)
+    assert qp.method_parts("eva") == ("eva", "uniform", False)
+    assert qp.method_parts("lora-alpha_hill") == ("lora", "alpha_hill", False)
+    assert qp.method_parts("moe-layerif:2.5@other") == ("moe", "layerif:2.5", True)
+    for name in qp.METHODS:
+        qp.method_parts(name)
+    for bad in ("lora-owl", "moe-layerif@mine", "lora-depth_ramp@other", "dora"):
+        with pytest.raises(SystemExit):
+            qp.method_parts(bad)
+
+
+def test_adalora_schedule(qp):
+    assert qp.adalora_schedule(300) == {"tinit": 30, "tfinal": 60, "deltaT": 7, "total_step": 300}
+    assert qp.adalora_schedule(6) == {"tinit": 1, "tfinal": 1, "deltaT": 1, "total_step": 6}
+    with pytest.raises(SystemExit, match="AdaLoRA needs more steps"):
+        qp.adalora_schedule(2)
+
+
+def test_paired_differences_and_verdict(qp):
+    ref = {0: 5.0, 1: 5.2, 2: 4.9}
+    rows = [{"seed": 0, "test_loss": 4.9}, {"seed": 1, "test_loss": 5.05}, {"seed": 2, "test_loss": 4.82}]
+    mean, se = qp.paired_stats(rows, ref)
+    d = [-0.1, -0.15, -0.08]
+    assert mean == pytest.approx(sum(d) / 3)
+    assert se == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 2) / math.sqrt(3))
+    assert qp.paired(rows, ref) == f"{mean:+.4f} ± {se:.4f} *"
+    assert qp.beats(rows, ref)
+    noisy = [{"seed": 0, "test_loss": 4.5}, {"seed": 1, "test_loss": 5.6}, {"seed": 2, "test_loss": 4.9}]
+    assert not qp.beats(noisy, ref) and "*" not in qp.paired(noisy, ref)
+
+
+def test_parse_args_refuses_bad_names(qp):
+    with pytest.raises(SystemExit):
+        qp.parse_args(["--tasks", "shakespeare,klingon"])
+    with pytest.raises(SystemExit):
+        qp.parse_args(["--r", "6", "--expert-r", "4"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_quick_subset_runs_and_resumes(qp, tmp_path, capsys):
+    """Three methods of `--quick` on one task: equal parameters for the rank pattern, a curve, resumable JSONL."""
+    argv = ["--quick", "--tasks", "shakespeare", "--methods", "lora,lora-depth_ramp,adalora", "--out", str(tmp_path)]
+    assert qp.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in rows] == [("lora", 0), ("lora", 1), ("lora-depth_ramp", 0),
+                                                         ("lora-depth_ramp", 1), ("adalora", 0), ("adalora", 1)]
+    by = {(r["method"], r["seed"]): r for r in rows}
+    # quick: r = 4 on q,v,down of stories260K (c_l = 460): 4 · 460 · 5 parameters for both
+    assert by["lora", 0]["trainable"] == by["lora-depth_ramp", 0]["trainable"] == 4 * 460 * 5
+    assert by["lora", 0]["ranks"] == [12] * 5 and by["lora-depth_ramp", 0]["ranks"] == [6, 9, 12, 15, 18]
+    assert by["lora-depth_ramp", 0]["pattern_ranks"] == [2, 3, 4, 5, 6]
+    assert sum(by["adalora", 0]["final_ranks"]) == 4 * 3 * 5  # AdaLoRA's final budget: target_r per module
+    for r in rows:
+        assert [s for s, _ in r["curve"]] == [3, 6] and r["curve"][-1][1] == pytest.approx(r["test_loss"])
+        assert math.isfinite(r["test_loss"]) and r["step_s_wall"] > 0
+    report = (tmp_path / "quality_peft_stories260K.md").read_text()
+    assert "| lora-depth_ramp | 9,200 | 6-9-12-15-18 |" in report
+    assert "Influence-based layouts with a lower test loss" in report
+    capsys.readouterr()
+    assert qp.main(argv) == 0  # resumed: every cell is already in the JSONL
+    assert len((tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()) == 6
+    assert "seed 0: test loss" not in capsys.readouterr().out
