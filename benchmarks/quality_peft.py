@@ -58,7 +58,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,19 +190,6 @@ def peak_memory_mib() -> float | None:
     except OSError:
         return None
     return None
-
-
-@contextlib.contextmanager
-def trainer_callbacks(*callbacks: Any) -> Iterator[None]:
-    """Add HF Trainer callbacks to every Trainer built inside (``train_adapter`` takes none as arguments)."""
-    import transformers.trainer as hf_trainer
-
-    hf_trainer.DEFAULT_CALLBACKS.extend(callbacks)
-    try:
-        yield
-    finally:
-        for cb in callbacks:
-            hf_trainer.DEFAULT_CALLBACKS.remove(cb)
 
 
 def make_callbacks(test: Examples, pad: int, every: int, adalora: bool) -> tuple[Any, ...]:
@@ -362,8 +348,7 @@ def run_cell(task: str, name: str, seed: int, base: Any, splits: dict[str, Examp
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                          lr_scheduler="linear", logging_steps=max(1, args.steps))
     t, c = time.perf_counter(), time.process_time()
-    with trainer_callbacks(*callbacks):
-        metrics = train_adapter(pm, splits["train"], pad, config, show_progress=False)
+    metrics = train_adapter(pm, splits["train"], pad, config, show_progress=False, callbacks=callbacks)
     wall, cpu = time.perf_counter() - t - callbacks[0].wall, time.process_time() - c - callbacks[0].cpu
     held = heldout_loss(pm, splits["test"], pad)
     if method_parts(name)[0] == "adalora":

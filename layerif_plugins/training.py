@@ -139,14 +139,16 @@ def _per_step(values: Sequence[float], grad_accum: int) -> list[float]:
 
 
 def train_adapter(
-    model: Any, train: Examples, pad_id: int, config: TrainConfig | None = None, show_progress: bool = True
+    model: Any, train: Examples, pad_id: int, config: TrainConfig | None = None, show_progress: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train ``model`` (a PeftModel; only its trainable parameters move); returns the run's metrics.
 
     The metrics are the Trainer's (``train_loss``, ``train_runtime`` ...) plus ``global_step``,
     ``losses`` (the training loss of every optimizer step), ``router_aux_losses`` (LoRA-MoE:
     the unweighted load-balancing loss of every step; empty otherwise) and ``train_config``.
-    The model is left in eval mode.
+    The model is left in eval mode. ``callbacks``: HF ``TrainerCallback`` objects added to the
+    Trainer (a held-out curve, AdaLoRA's ``update_and_allocate`` after each optimizer step).
     """
     from transformers import PrinterCallback, TrainingArguments
 
@@ -180,7 +182,8 @@ def train_adapter(
             use_cpu=not torch.cuda.is_available(),
         )
         trainer = _trainer_class()(
-            model=model, args=args, train_dataset=_ExamplesDataset(train), data_collator=_Collator(train, pad_id)
+            model=model, args=args, train_dataset=_ExamplesDataset(train), data_collator=_Collator(train, pad_id),
+            callbacks=list(callbacks) or None,
         )
         trainer.step_losses, trainer.aux_losses = [], []
         if not show_progress:

@@ -68,7 +68,7 @@ def test_top_level_help_lists_every_command(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for command in ("convert", "score", "show", "demo", "prune", "moe", "finetune", "drop", "heal",
-                    "select-layers", "eval", "vllm-check"):
+                    "select-layers", "eval", "vllm-check", "plan", "lora-layout", "quantize"):
         assert command in out
 
 

@@ -100,6 +100,25 @@ def quantized_groups(config: dict[str, Any]) -> dict[str, Any]:
     return groups if isinstance(groups, dict) else {}
 
 
+def config_schemes(config: dict[str, Any]) -> list[str]:
+    """Our names of the schemes a model config's compressed-tensors ``config_groups`` hold (``[]``: not quantized).
+
+    ``W8A8`` / ``W8A16`` / ``W4A16`` / ``FP8`` (float 8-bit weights and activations), else ``W{b}A{a}``
+    (``FP`` for float weights) — what :func:`check_servable` takes, e.g. in a vLLM directory check.
+    """
+    names = []
+    for group in quantized_groups(config).values():
+        if not isinstance(group, dict):
+            continue
+        w, a = group.get("weights") or {}, group.get("input_activations") or {}
+        if w.get("type") == "float" and w.get("num_bits") == 8 and a.get("type") == "float":
+            names.append("FP8")
+            continue
+        prefix = "FP" if w.get("type") == "float" else "W"
+        names.append(f"{prefix}{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}")
+    return list(dict.fromkeys(names))
+
+
 def check_not_quantized(model_dir: str | Path) -> None:
     """Refuse a checkpoint that is already quantized: quantizing its dequantized weights again compounds the error."""
     path = Path(model_dir) / "config.json"
@@ -107,17 +126,11 @@ def check_not_quantized(model_dir: str | Path) -> None:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from exc
-    groups = quantized_groups(config)
-    if groups:
-        schemes = sorted({_describe_group(g) for g in groups.values() if isinstance(g, dict)})
+    schemes = config_schemes(config)
+    if schemes:
         raise ModelError(
             f"{model_dir} is already quantized (compressed-tensors config_groups: {', '.join(schemes)}); quantize "
             "the dense checkpoint it was made from instead")
-
-
-def _describe_group(group: dict[str, Any]) -> str:
-    w, a = group.get("weights") or {}, group.get("input_activations") or {}
-    return f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"
 
 
 def dense_bits_of(model: Any) -> int:
