@@ -248,8 +248,7 @@ class PeakRss:
 def measure(args: argparse.Namespace, models: dict[str, dict[str, Any]], texts: dict[str, list[str]]) -> None:
     from transformers import AutoTokenizer
 
-    from layerif_plugins.integrations.vllm_backend import VllmOptions
-    from layerif_plugins.integrations.vllm_backend.quantized import run_vllm_quantized
+    from layerif_plugins.integrations.vllm_backend import VllmOptions, run_vllm_models
 
     names = [n for n in models if not args.only or n == "dense" or n in args.only.split(",")]
     for name in [n for n in models if n not in names]:
@@ -269,7 +268,7 @@ def measure(args: argparse.Namespace, models: dict[str, dict[str, Any]], texts: 
     order = names * args.reps  # alternating: every model once per repetition, same worker
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    results = run_vllm_quantized([models[n]["dir"] for n in order], texts=texts["eval"], prompts=prompts,
+    results = run_vllm_models([models[n]["dir"] for n in order], texts=texts["eval"], prompts=prompts,
                                  max_tokens=args.gen_tokens, context_length=context, options=options)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -286,7 +285,7 @@ def measure(args: argparse.Namespace, models: dict[str, dict[str, Any]], texts: 
     if args.rss:
         for name in names:
             with PeakRss() as rss:
-                run_vllm_quantized([models[name]["dir"]], prompts=prompts[:1], max_tokens=1, options=options)
+                run_vllm_models([models[name]["dir"]], prompts=prompts[:1], max_tokens=1, options=options)
             models[name]["peak_rss"] = rss.peak
 
 

@@ -394,11 +394,10 @@ def _require_vllm() -> None:
 @pytest.fixture(scope="module")
 def served(quantized: dict, tinystories_valid: Path) -> dict:
     _require_vllm()
-    from layerif_plugins.integrations.vllm_backend import VllmOptions
-    from layerif_plugins.integrations.vllm_backend.quantized import run_vllm_quantized
+    from layerif_plugins.integrations.vllm_backend import VllmOptions, run_vllm_models
 
     names = ["dense", "w8a8", "mixed"]
-    results = run_vllm_quantized([quantized[n] for n in names], texts=tinystories_valid, prompts=[[1, 403, 407]],
+    results = run_vllm_models([quantized[n] for n in names], texts=tinystories_valid, prompts=[[1, 403, 407]],
                                  max_docs=8, max_tokens=16, context_length=CTX,
                                  options=VllmOptions(kv_cache_gib=0.25))
     return dict(zip(names, results, strict=True))
@@ -487,3 +486,29 @@ def test_prune_then_quantize_in_one_recipe(quantized: dict, tinystories_train: P
     zeros = sum(int((weights[n] == 0).sum()) for n in projections) / sum(weights[n].numel() for n in projections)
     assert zeros == pytest.approx(0.5, abs=0.01)  # Wanda's zeros survive the int8 rounding (0 maps to 0)
     check_vllm_dir(out, allow_quantized=True, device="cpu")
+
+
+def test_layerif_prune_quantize_in_one_oneshot(quantized: dict, tinystories_train: Path, tmp_path: Path, capsys):
+    """`layerif prune --allocation atp --quantize W8A8`: planned sparsity and int8 storage in one pass, vLLM-CPU ready."""
+    from safetensors.torch import load_file
+
+    from layerif_plugins.cli import main
+    from layerif_plugins.evaluation.checks import check_vllm_dir
+
+    args = ["prune", "--model", str(quantized["dense"]), "--sparsity", "0.5", "--allocation", "atp", "--beta",
+            "0.05", "--calib", str(tinystories_train), "--n-calib", "8", "--max-length", "64", "--quiet"]
+    assert main([*args, "--quantize", "W4A16", "--out", str(tmp_path / "w4")]) == 2
+    assert "cannot be served by vLLM on cpu" in capsys.readouterr().err and not (tmp_path / "w4").exists()
+    assert main([*args, "--quantize", "W8A8", "--out", str(tmp_path / "q")]) == 0
+    report = json.loads((tmp_path / "q" / "sparsity_report.json").read_text())
+    assert report["quantization"] == "W8A8" and report["device_target"] == "cpu"
+    weights = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for row in report["layers"]:
+        names = [n for n in weights if n.startswith(f"model.layers.{row['layer']}.") and n.endswith("_proj.weight")]
+        assert all(weights[n].dtype == torch.int8 for n in names)
+        zeros = sum(int((weights[n] == 0).sum()) for n in names) / sum(weights[n].numel() for n in names)
+        assert zeros == pytest.approx(row["measured"], abs=1e-3)  # the plan's zeros survive the int8 rounding
+    assert max(r["target"] for r in report["layers"]) - min(r["target"] for r in report["layers"]) > 0.05
+    assert check_vllm_dir(tmp_path / "q", device="cpu").schemes == ["W8A8"]
+    assert main([*args[:1], "--model", str(tmp_path / "q"), *args[3:], "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err

@@ -115,13 +115,19 @@ def test_check_refuses_sparsity_config_with_targets(stories_dir: Path, tmp_path:
     assert check_vllm_dir(bad).architecture == "LlamaForCausalLM"
 
 
-def test_check_refuses_quantization_unless_allowed(stories_dir: Path, tmp_path: Path):
+def test_check_accepts_only_schemes_the_device_serves(stories_dir: Path, tmp_path: Path):
     bad = _copy(stories_dir, tmp_path / "quant")
-    _edit_config(bad, quantization_config={"quant_method": "compressed-tensors",
-                                           "config_groups": {"group_0": {"targets": ["Linear"]}}})
-    with pytest.raises(ModelError, match="quantization_config with targets"):
-        check_vllm_dir(bad)
-    assert check_vllm_dir(bad, allow_quantized=True).num_tensors > 0
+    w4 = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int"}}
+    _edit_config(bad, quantization_config={"quant_method": "compressed-tensors", "config_groups": {"group_0": w4}})
+    with pytest.raises(ModelError, match=r"quantized with \['W4A16'\], which vLLM on CPU cannot serve.*W8A8"):
+        check_vllm_dir(bad, device="cpu")
+    with pytest.raises(ModelError, match="asked for a dense"):
+        check_vllm_dir(bad, allow_quantized=False)
+    assert check_vllm_dir(bad, device="cuda").schemes == ["W4A16"]
+    w8a8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"},
+            "input_activations": {"num_bits": 8, "type": "int"}}
+    _edit_config(bad, quantization_config={"quant_method": "compressed-tensors", "config_groups": {"g": w8a8}})
+    assert check_vllm_dir(bad).schemes == ["W8A8"]  # served on CPU too (tests/test_quantize.py, head_dim 64)
 
 
 def test_check_other_failures(stories_dir: Path, tmp_path: Path):

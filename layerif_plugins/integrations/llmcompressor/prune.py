@@ -212,6 +212,8 @@ def prune_model(
     holdout: str | Path | None = None,
     holdout_length: int | None = None,
     save_plan: str | Path | None = None,
+    quantize: str | None = None,
+    device_target: str = "cpu",
     overwrite: bool = False,
     show_progress: bool = True,
     options: AllocationOptions | None = None,
@@ -233,6 +235,10 @@ def prune_model(
             ``n_calib`` of ``calib`` (default ``max(8, n_calib // 4)``), or the first of ``holdout``;
             ``holdout_length`` tokens each (default ``max_length``). Never the evaluation set.
         save_plan: also write the plan here (e.g. beside the scores file); ``out/plan.json`` is always written.
+        quantize: also quantize in the same ``oneshot``, after pruning (``W8A8``; ``W4A16`` / ``W8A16`` / ``FP8``
+            for a GPU): llm-compressor's own quantization modifiers, saved compressed. A scheme vLLM on
+            ``device_target`` (``cpu`` | ``gpu``) cannot serve is refused before any work. The plan is made on
+            the unquantized model (quantization is applied after the pruning, as in the recipe).
         options / allocation: :class:`~layerif_plugins.plan.AllocationOptions`, or its fields as keywords
             (``allocation="auto"``, ``epsilon="auto"``, ``beta=…``, ``budget_prunes=…``, …).
         show_progress: progress bars of the planning (scores, candidates, sensitivity table).
@@ -246,6 +252,10 @@ def prune_model(
     options = options or AllocationOptions(**allocation)
     holdout_args = {"n_holdout": n_holdout, "holdout": holdout, "holdout_length": holdout_length}
     check_prune_request(algorithm, sparsity, batch_size, options, holdout_args, scores, plan)
+    if quantize is not None:
+        from layerif_plugins.integrations.llmcompressor.quantize import check_servable
+
+        check_servable([quantize], device_target)
     out = check_out_dir(out, overwrite=overwrite, option="out", inputs={
         "model": [model_path], "calib": [calib], "holdout": [holdout], "scores": [scores], "plan": [plan]})
     modifier, scores_path = _modifier(algorithm, sparsity, scores, options, show_progress, model_path)
@@ -257,10 +267,11 @@ def prune_model(
                                batch_size, holdout_args)
         planning = time.perf_counter() - t0
         head = {"model": str(model_path), "out": str(out), "algorithm": algorithm, "scores": scores_path,
+                "quantization": quantize, "device_target": device_target if quantize else None,
                 "epsilon": options.epsilon,  # as passed (None: the reference's; "auto"), what resumed runs compare
                 "planning_seconds": planning, "plan_file": str(out / PLAN_NAME)}
         report = _oneshot_and_save(model, tokenizer, modifier.use_plan(made), examples, out, overwrite, max_length,
-                                   batch_size, save_plan, head)
+                                   batch_size, save_plan, head, quantize)
     journal.unlink(missing_ok=True)
     logger.info("pruned %s → %s: target %.4f, measured %.4f (%s, chose %s)", model_path, out, sparsity,
                 report["weighted_mean_measured"], options.allocation, made.chosen.get("provider"))
@@ -337,10 +348,13 @@ def _plan(modifier: LayerIFSparsityModifierBase, model: Any, tokenizer: Any, pla
 
 
 def _load_for_oneshot(model_path: str | Path, work: str) -> tuple[Any, Any]:
-    """The model and tokenizer as ``oneshot`` would load them from a path (``dtype="auto"``)."""
+    """The model and tokenizer as ``oneshot`` would load them from a path (``dtype="auto"``); never a quantized one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from layerif_plugins.integrations.llmcompressor.quantize import check_not_quantized
+
     model_dir = model_dir_for(model_path, work)
+    check_not_quantized(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     config = json.loads((Path(model_dir) / "config.json").read_text())
     limit_to_positions(tokenizer, config.get("max_position_embeddings"))  # over-length calibration fails early
@@ -349,21 +363,26 @@ def _load_for_oneshot(model_path: str | Path, work: str) -> tuple[Any, Any]:
 
 
 def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModifierBase, examples: Any, out: Path,
-                      overwrite: bool, max_length: int, batch_size: int, save_plan: Any, head: dict[str, Any]
-                      ) -> dict[str, Any]:
+                      overwrite: bool, max_length: int, batch_size: int, save_plan: Any, head: dict[str, Any],
+                      quantize: str | None = None) -> dict[str, Any]:
     """One ``oneshot`` with the planned modifier, then the model, tokenizer, recipe, plan and report, atomically."""
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
+    from layerif_plugins.integrations.llmcompressor.quantize import quantization_modifiers
+
     dataset = _calibration_dataset(examples)
+    recipe = [modifier, *(quantization_modifiers(quantize) if quantize else [])]
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             t0 = time.perf_counter()
-            model = oneshot(model=model, tokenizer=tokenizer, recipe=[modifier], dataset=dataset,
+            model = oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=dataset,
                             num_calibration_samples=len(dataset), max_seq_length=max_length,
                             shuffle_calibration_samples=False, batch_size=batch_size)
             elapsed = time.perf_counter() - t0
-            model.save_pretrained(str(tmp), save_compressed=True)  # dense safetensors + recipe.yaml
+            # before saving: compression replaces packed (W4A16) weights in place
+            measured = measure_sparsity(model, modifier.layer_sparsity or [], modifier.targets, modifier.ignore)
+            model.save_pretrained(str(tmp), save_compressed=True)  # safetensors (+ quantization) + recipe.yaml
             tokenizer.save_pretrained(str(tmp))
             _check_saved_config(tmp)
             plan = modifier.allocation_plan
@@ -384,7 +403,7 @@ def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModif
                 "plan_cost": plan.cost,
                 "calib": {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size},
                 "epsilon_search": info["epsilon_search"],
-                **measure_sparsity(model, modifier.layer_sparsity or [], modifier.targets, modifier.ignore),
+                **measured,
                 "oneshot_seconds": elapsed,
                 "allocation_seconds": info["seconds"],
                 "versions": library_versions(),

