@@ -332,6 +332,8 @@ def command_console(command: str, *, verbose: bool = False, out_dirs: Sequence[s
     to stderr from WARNING (``verbose``: everything, from DEBUG, to stderr and no log). The log
     ends under the command's directory output (:func:`_settle`), and one line says where.
     """
+    # absolute now: `--out .` replaced in place leaves the process in a deleted working directory
+    dirs = [Path(os.path.abspath(os.path.expanduser(str(d)))) for d in out_dirs]
     root = logging.getLogger()
     saved_level = root.level
     terminal = logging.StreamHandler(sys.stderr)
@@ -358,7 +360,7 @@ def command_console(command: str, *, verbose: bool = False, out_dirs: Sequence[s
         root.removeHandler(terminal)
         root.setLevel(saved_level)
         if log_path is not None:
-            settled = _settle(log_path, command, [Path(d) for d in out_dirs])
+            settled = _settle(log_path, command, dirs)
     if settled is not None:
         print(f"layerif {command}: library logs in {settled}", file=sys.stderr)
 
