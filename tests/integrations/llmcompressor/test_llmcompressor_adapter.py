@@ -29,7 +29,7 @@ from layerif_plugins.integrations.llmcompressor import (
 from layerif_plugins.models import block_linears, load_model_and_tokenizer
 from layerif_plugins.scorers import ScoringData, score_layers
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "pruning"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "pruning"
 N_CALIB, MAX_LEN = 16, 64
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,7 @@
 
 The model is a random-weight Llama built from a config (4 layers, hidden 256, 4 heads of 64:
 vLLM-CPU has kernels for head_dim 64) with stories260K's tokenizer. Real vLLM runs
-(``@pytest.mark.vllm``) use the separate vLLM environment, as tests/test_vllm_adapter.py does.
+(``@pytest.mark.vllm``) use the separate vLLM environment, as tests/integrations/vllm/test_vllm_adapter.py does.
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ def test_vllm_serves_quantized_checkpoints(served: dict, quantized: dict, tinyst
 
 # ---------------------------------------------------------------- recipes/quantization
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "quantization"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "quantization"
 
 
 @pytest.mark.integration
