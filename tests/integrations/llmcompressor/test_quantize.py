@@ -489,7 +489,7 @@ def test_prune_then_quantize_in_one_recipe(quantized: dict, tinystories_train: P
 
 
 def test_layerif_prune_quantize_in_one_oneshot(quantized: dict, tinystories_train: Path, tmp_path: Path, capsys):
-    """`layerif prune --allocation atp --quantize W8A8`: planned sparsity and int8 storage in one pass, vLLM-CPU ready."""
+    """`layerif prune --allocation atp --quantize W8A8`: planned sparsity and int8 weights in one pass, for vLLM-CPU."""
     from safetensors.torch import load_file
 
     from layerif_plugins.cli import main

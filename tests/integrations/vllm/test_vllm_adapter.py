@@ -127,7 +127,8 @@ def test_check_accepts_only_schemes_the_device_serves(stories_dir: Path, tmp_pat
     w8a8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"},
             "input_activations": {"num_bits": 8, "type": "int"}}
     _edit_config(bad, quantization_config={"quant_method": "compressed-tensors", "config_groups": {"g": w8a8}})
-    assert check_vllm_dir(bad).schemes == ["W8A8"]  # served on CPU too (tests/integrations/llmcompressor/test_quantize.py, head_dim 64)
+    # served on CPU too (tests/integrations/llmcompressor/test_quantize.py, on a head_dim-64 model)
+    assert check_vllm_dir(bad).schemes == ["W8A8"]
 
 
 def test_check_other_failures(stories_dir: Path, tmp_path: Path):
