@@ -237,7 +237,9 @@ def test_gradient_checkpointing_and_eval(stories, shakespeare):
 
 
 @pytest.mark.integration
-def test_save_and_from_pretrained_give_identical_logits(stories, stories_dir, tmp_path, shakespeare):
+def test_save_moe_adapter_writes_the_layout_and_reloads(stories, stories_dir, tmp_path, shakespeare):
+    """save_moe_adapter's own files (layout.json, the card's import line); the generic PEFT save / load /
+    AutoPeftModel / disable_adapter behaviour is test_peft_conformance.py's, over every configuration."""
     model, tok = stories
     torch.manual_seed(1)
     layout = _layout()
@@ -263,17 +265,10 @@ def test_save_and_from_pretrained_give_identical_logits(stories, stories_dir, tm
         after = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(before, after)
     assert built_layout(loaded) == (layout.experts, layout.top_k)
-    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
     # the adapter changes the output (B was random), so the equality above is not trivial
     with loaded.disable_adapter(), torch.no_grad():
         plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert not torch.allclose(plain, after)
-    # the adapter directory alone is enough (base model and task read from adapter_config.json)
-    from peft import AutoPeftModelForCausalLM
-
-    auto = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
-    with torch.no_grad():
-        assert torch.equal(auto(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, before)
 
 
 def test_loading_without_the_plugin_says_what_to_import(stories, tmp_path, monkeypatch):
