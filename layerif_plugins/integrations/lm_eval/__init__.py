@@ -170,7 +170,9 @@ def write_tasks(specs: Sequence[TaskSpec], task_dir: str | Path) -> list[BuiltTa
     for spec in specs:
         name = spec.task_name()
         if name in seen:
-            raise ConfigError(f"two tasks are named {name!r}; give one a distinct name (TaskSpec(name=…))")
+            raise ConfigError(f"two tasks are named {name!r} (a file task is named after its kind and file name): "
+                              "copy one file under another name (--tasks ppl:a/valid.txt,ppl:b/valid-b.txt), or in "
+                              "Python give one TaskSpec a distinct name=…")
         seen.add(name)
         if spec.builtin:
             rows, source = builtin_task_rows(spec.builtin, spec.max_docs)
