@@ -617,3 +617,26 @@ def check_readable(name: str, path: str | Path | None) -> None:
             fh.read(1)
     except OSError as exc:
         raise ConfigError(f"{name} {path} cannot be read: {exc.strerror or exc}") from exc
+
+
+def read_json_object(path: str | Path, what: str, error: type[Exception], missing_hint: str) -> dict[str, Any]:
+    """A JSON file whose top level is an object, or ``error`` naming the file and what is wrong with it.
+
+    ``what`` names the kind of file in messages ("LayerScores file", "allocation plan");
+    ``missing_hint`` says how to make one when the file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}; {missing_hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a {what} (not UTF-8 text)") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a {what} (top level is {type(data).__name__})")
+    return data
+

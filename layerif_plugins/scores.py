@@ -34,7 +34,7 @@ from torch import nn
 
 from layerif_plugins.errors import ScoresError
 from layerif_plugins.fields import check_number
-from layerif_plugins.io import atomic_write_json
+from layerif_plugins.io import atomic_write_json, read_json_object
 from layerif_plugins.models import ModelFingerprint, fingerprint
 from layerif_plugins.models.fingerprint import same_weights
 
@@ -350,19 +350,7 @@ class LayerScores:
 
     @classmethod
     def load(cls, path: str | Path) -> LayerScores:
-        path = Path(path)
-        if not path.is_file():
-            raise ScoresError(f"scores file not found: {path}; compute one with `layerif score`")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ScoresError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        except UnicodeDecodeError:
-            raise ScoresError(f"{path}: not a LayerScores file (not UTF-8 text)") from None
-        except OSError as exc:
-            raise ScoresError(f"cannot read scores file {path}: {exc.strerror or exc}") from exc
-        if not isinstance(d, dict):
-            raise ScoresError(f"{path}: not a LayerScores file (top level is {type(d).__name__})")
+        d = read_json_object(path, "LayerScores file", ScoresError, "compute one with `layerif score`")
         return cls.from_dict(d, source=str(path))
 
     # ------------------------------------------------------------------ validation

@@ -10,7 +10,6 @@ naming the field that differs.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from layerif_plugins.errors import AllocationError
-from layerif_plugins.io import atomic_write_json
+from layerif_plugins.io import atomic_write_json, read_json_object
 from layerif_plugins.models import fingerprint
 from layerif_plugins.models.fingerprint import ModelFingerprint, same_weights
 from layerif_plugins.scores import library_versions
@@ -147,15 +146,7 @@ class AllocationPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> AllocationPlan:
-        path = Path(path)
-        if not path.is_file():
-            raise AllocationError(f"plan file not found: {path}; make one with `layerif plan` (or drop `plan`)")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AllocationError(f"{path}: not an allocation plan (not valid JSON: {exc})") from None
-        if not isinstance(d, dict):
-            raise AllocationError(f"{path}: not an allocation plan (top level is {type(d).__name__})")
+        d = read_json_object(path, "allocation plan", AllocationError, "make one with `layerif plan` (or drop `plan`)")
         return cls.from_dict(d, source=str(path))
 
     # ------------------------------------------------------------------ checks
