@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,10 +94,6 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Candidate:
-        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
-
 
 class Journal:
     """Evaluated candidates on disk (JSON lines), so a search resumes after an interruption.
@@ -143,7 +139,6 @@ class SearchResult:
     chosen: int
     decision: dict[str, Any]
     cost: dict[str, Any]
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def winner(self) -> Candidate:

@@ -334,10 +334,6 @@ def _key(values: Sequence[float]) -> tuple[int, ...]:
     return tuple(round(v * 1e9) for v in values)
 
 
-def provider_names() -> tuple[str, ...]:
-    return ("uniform", "atp", "depth_ramp", "owl", "alpha_hill", "layerif", "sensitivity")
-
-
 def spread_knobs(knobs: Mapping[str, Any]) -> str:
     """Short text for a candidate's knobs (tables, logs)."""
     parts = []
@@ -350,4 +346,4 @@ def spread_knobs(knobs: Mapping[str, Any]) -> str:
 
 __all__ = ["ATP", "ATP_FRACTIONS", "OWL", "OWL_LAMBDAS", "OWL_MS", "Proposal", "Provider", "SPREADS", "Sensitivity",
            "SensitivityTable", "Spread", "Tried", "Uniform", "atp_max_beta", "atp_sparsity", "best_of",
-           "knapsack_allocation", "provider_names", "spread_knobs"]
+           "knapsack_allocation", "spread_knobs"]
