@@ -42,6 +42,7 @@ Writes ``<out>/quality_pruning_<model>.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -119,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per held-out example of the planner cells")
     p.add_argument("--budget-prunes", type=int, default=None, help="planner cells: the most pruning passes")
     p.add_argument("--sensitivity-levels", type=int, default=3, help="planner cells: levels each side of the target")
+    p.add_argument("--sensitivity-examples", type=int, default=16,
+                   help="planner cells: examples of the sensitivity table (after the held-out ones: disjoint)")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples")
     p.add_argument("--max-length", type=int, default=16, help="tokens per calibration example")
     p.add_argument("--batch-size", type=int, default=16,
@@ -133,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small everything: a smoke run (< 10 min)")
     p.add_argument("--report", action="store_true", help="only rebuild the tables from the JSONL")
     p.add_argument("--out", default=str(REPO / "bench_out"))
+    p.add_argument("--work", default=None,
+                   help="keep calibration files, plans and the planner's journal here (an interrupted planner "
+                        "cell resumes from its journal); default: a temporary directory")
     args = p.parse_args(argv)
     if args.quick:
         args.algorithms, args.sparsities = "wanda", "0.5,0.7"
@@ -256,17 +262,20 @@ def task_splits(task: str, tok: Any, args: argparse.Namespace) -> dict[str, list
     return {"train": train, "val": val, "calib": calib, "eval": evals}
 
 
-def calibration_file(work: Path, task: str, pool: list[str], n: int, seed: int, n_holdout: int) -> Path:
-    """``n`` calibration examples drawn from the pool with ``seed``, then ``n_holdout`` more, as JSONL.
+def calibration_file(work: Path, task: str, pool: list[str], n: int, seed: int, n_holdout: int,
+                     n_table: int = 0) -> Path:
+    """``n`` calibration examples drawn from the pool with ``seed``, then ``n_holdout`` (+ ``n_table``) more, as JSONL.
 
     prune_model calibrates on the first ``n``; ``epsilon="auto"`` holds out the ``n_holdout``
-    after them. ``random.sample`` draws sequentially, so the first ``n`` do not depend on
-    ``n_holdout`` (for pools of more than 277 examples and ``n + n_holdout`` ≤ 85 it also
-    takes the same branch): every cell of a seed calibrates on the same ``n`` examples.
+    after them; the planner's sensitivity table uses the ``n_table`` after those.
+    ``random.sample`` draws sequentially, so the first ``n`` do not depend on ``n_holdout`` or
+    ``n_table`` (for pools of more than 277 examples and ``n + n_holdout`` ≤ 85 it also takes the
+    same branch; for pools of more than 1045 and 85 < ``n + n_holdout + n_table`` ≤ 341 as well):
+    every cell of a seed calibrates on the same ``n`` examples.
     """
-    path = work / f"calib_{task}_{n}_{seed}_{n_holdout}.jsonl"
+    path = work / f"calib_{task}_{n}_{seed}_{n_holdout}{f'_{n_table}' if n_table else ''}.jsonl"
     if not path.is_file():
-        chosen = random.Random(seed).sample(pool, min(len(pool), n + n_holdout))
+        chosen = random.Random(seed).sample(pool, min(len(pool), n + n_holdout + n_table))
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in chosen), encoding="utf-8")
     return path
 
@@ -394,7 +403,8 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
                         allocation="auto", scores=scores["layerif_attn"], calib=calib, n_calib=args.n_calib,
                         max_length=args.max_length, batch_size=args.batch_size, n_holdout=args.n_holdout,
                         holdout_length=args.planner_holdout_length, budget_prunes=args.budget_prunes,
-                        sensitivity_levels=args.sensitivity_levels, overwrite=True, show_progress=False)
+                        sensitivity_levels=args.sensitivity_levels,
+                        sensitivity_examples=args.sensitivity_examples, overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
     shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
                 f"{cell['sparsity']}_{cell['seed']}.json")
@@ -441,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     cells = planned_cells(args)
     todo = [c for c in cells if cell_key({**c, "sizes": sizes(args)}) not in done]
     print(f"[plan] {len(cells)} cells, {len(cells) - len(todo)} already in {jsonl}, {len(todo)} to run", flush=True)
-    with tempfile.TemporaryDirectory(prefix="quality-pruning-") as work_s:
-        work = Path(work_s)
+    with contextlib.ExitStack() as stack:
+        work = (Path(args.work) if args.work else
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quality-pruning-"))))
+        work.mkdir(parents=True, exist_ok=True)
         model_dir = model_dir_for(args.model, work)
         model, tok = load_model_and_tokenizer(model_dir)
         for task in split(args.tasks):
@@ -461,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             needed = {VARIANTS[c["variant"]][2] for c in task_cells} - {None}
             scores = task_scores(model, tok, task, splits, needed, args, out)
             for cell in task_cells:
-                calib = calibration_file(work, task, splits["calib"], args.n_calib, cell["seed"], args.n_holdout)
+                calib = calibration_file(work, task, splits["calib"], args.n_calib, cell["seed"], args.n_holdout,
+                                         args.sensitivity_examples if cell["variant"] == "planner" else 0)
                 if cell["variant"] == "planner":
                     for row in run_planner_cell(cell, model_dir, calib, scores, splits["eval"], args, work):
                         append_row(jsonl, row)

@@ -109,7 +109,8 @@ class AllocationOptions:
         sigmas: auto keeps the simpler candidate unless another beats it by more than this many paired standard errors.
         sensitivity_step: sensitivity: the spacing of the per-layer levels around the target.
         sensitivity_levels: sensitivity: levels on each side of the target (7 levels for 3).
-        sensitivity_examples: sensitivity: held-out examples for the per-layer table (the first of the held-out set).
+        sensitivity_examples: sensitivity: examples for the per-layer table, never those that judge the candidates
+            (``prune_model``: the ones after the held-out set in the same file; else the first calibration examples).
         max_moves: sensitivity: local-search moves after the knapsack (each a pruning pass).
     """
 
@@ -139,6 +140,11 @@ class AllocationOptions:
         """Whether this allocation is chosen by evaluating candidates on held-out data."""
         return (self.allocation in SEARCHED_ALLOCATIONS or self.epsilon == AUTO
                 or (self.allocation == "atp" and self.beta is None))
+
+    @property
+    def uses_table(self) -> bool:
+        """Whether the search measures the per-layer sensitivity table (``sensitivity`` and ``auto``)."""
+        return self.allocation in ("sensitivity", "auto")
 
     @property
     def spread(self) -> float:

@@ -411,11 +411,13 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         return self.plan_for_model(state.model, batches, self._holdout_examples, sequential_targets)
 
     def plan_for_model(self, model: torch.nn.Module, batches: list[search.Batch] | None,
-                       held: Examples | None = None, sequential_targets: Any = None) -> AllocationPlan:
+                       held: Examples | None = None, sequential_targets: Any = None,
+                       table_held: Examples | None = None) -> AllocationPlan:
         """This modifier's plan on ``model`` (weights restored after every candidate), without a ``oneshot``.
 
         ``batches`` are the calibration batches; a search prunes its candidates with them
         and measures on ``held`` (or, without it, on ``holdout`` batches taken out of them).
+        The sensitivity table is measured on ``table_held`` (else on calibration examples), never on ``held``.
         """
         modules, params = self.resolve_targets(model)
         options = self.options()
@@ -423,8 +425,9 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         return make_plan(model, options=options, algorithm=self._algorithm, target=float(self.sparsity),
                          modules=modules, params=params, scores=self._layer_scores(model, batches),
                          make_modifier=self.stock_modifier, fields=self.algorithm_fields(),
-                         prune_batches=prune_batches, held=held, data=data, sequential_targets=sequential_targets,
-                         journal_path=self._journal, show_progress=self._show_progress)
+                         prune_batches=prune_batches, held=held, table_held=table_held, data=data,
+                         sequential_targets=sequential_targets, journal_path=self._journal,
+                         show_progress=self._show_progress)
 
     def _split_for_search(self, batches: list[search.Batch] | None, held: Examples | None
                           ) -> tuple[list[search.Batch], Examples, dict[str, Any]]:

@@ -31,7 +31,12 @@ from layerif_plugins.allocate.sparsity import AUTO, REFERENCE_EPSILON, search_gr
 from layerif_plugins.data import Examples
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.evaluation.perplexity import example_token_losses
-from layerif_plugins.integrations.llmcompressor.search import Batch, WeightSnapshot, prune_in_session
+from layerif_plugins.integrations.llmcompressor.search import (
+    Batch,
+    WeightSnapshot,
+    batches_to_examples,
+    prune_in_session,
+)
 from layerif_plugins.models import fingerprint
 from layerif_plugins.plan import knapsack
 from layerif_plugins.plan.artifact import AllocationPlan
@@ -265,6 +270,16 @@ def _scores_info(scores: LayerScores | None) -> dict[str, Any]:
             "scores": scores.scores}
 
 
+def table_examples_for(options: AllocationOptions, table_held: Examples | None,
+                       prune_batches: Sequence[Batch]) -> Examples:
+    """The sensitivity table's examples: the first ``sensitivity_examples`` of ``table_held``, else of calibration."""
+    source = table_held if table_held is not None else batches_to_examples(
+        prune_batches, "calibration examples (no separate table examples given)")
+    if len(source) == 0:
+        raise ConfigError("the sensitivity table needs at least one example: pass table examples or calibration data")
+    return source.subset(range(min(options.sensitivity_examples, len(source))))
+
+
 def make_plan(
     model: torch.nn.Module,
     *,
@@ -278,12 +293,18 @@ def make_plan(
     fields: dict[str, Any],
     prune_batches: list[Batch] | None,
     held: Examples | None,
+    table_held: Examples | None = None,
     data: dict[str, Any] | None = None,
     sequential_targets: Any = None,
     journal_path: Any = None,
     show_progress: bool = False,
 ) -> AllocationPlan:
-    """Options → providers → search on held-out data (or the fixed list) → :class:`AllocationPlan`."""
+    """Options → providers → search on held-out data (or the fixed list) → :class:`AllocationPlan`.
+
+    The sensitivity table is measured on ``table_held`` (its first ``sensitivity_examples``), or,
+    without it, on the first calibration examples — never on ``held``, the examples that judge
+    the candidates: a table fitted to the judge's own examples would favour its candidates.
+    """
     from layerif_plugins.scorers import resolve_scores
 
     num_layers = len(params)
@@ -304,12 +325,12 @@ def make_plan(
                           "data (dataset=… / --calib)")
     t0 = time.perf_counter()
     extras: dict[str, Any] = {}
-    sens_held = held.subset(range(min(options.sensitivity_examples, len(held.input_ids))))
 
     def table_for() -> SensitivityTable:
-        table = measure_sensitivity(model, modules, params, target, algorithm, fields, prune_batches, sens_held,
+        table_examples = table_examples_for(options, table_held, prune_batches)
+        table = measure_sensitivity(model, modules, params, target, algorithm, fields, prune_batches, table_examples,
                                     options.sensitivity_step, options.sensitivity_levels, show_progress)
-        extras["sensitivity"] = table.to_dict()
+        extras["sensitivity"] = {**table.to_dict(), "examples": table_examples.fingerprint()}
         return table
 
     def score_for(method: str) -> LayerScores:
@@ -353,4 +374,4 @@ def summary_rows(plan: AllocationPlan) -> list[list[Any]]:
 
 
 __all__ = ["build_providers", "calibration_statistics", "fixed_plan_sparsity", "make_evaluator", "make_plan",
-           "measure_sensitivity", "owl_scores_factory", "summary_rows"]
+           "measure_sensitivity", "owl_scores_factory", "summary_rows", "table_examples_for"]

@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,27 @@ def default_n_holdout(n_calib: int) -> int:
     return max(8, n_calib // 4)
 
 
+@dataclass
+class PlanningData:
+    """The examples of one prune: calibration, the held-out judge and the sensitivity table's, and their origin."""
+
+    calibration: Any
+    held: Any = None
+    table: Any = None
+    held_from: dict[str, Any] | None = None
+
+
 def _load_data(calib: str | Path, holdout: str | Path | None, tokenizer: Any, n_calib: int, n_holdout: int | None,
-               max_length: int, search: bool, holdout_length: int | None = None,
-               ) -> tuple[Any, Any, dict[str, Any] | None]:
-    """(calibration examples, held-out examples or None, where the held-out ones came from).
+               max_length: int, search: bool, holdout_length: int | None = None, n_table: int = 0,
+               ) -> PlanningData:
+    """The calibration examples and, for a search, the held-out ones and the sensitivity table's.
 
     The held-out examples are ``holdout_length`` tokens long (default ``max_length``): the
     search should judge perplexity at the context length the model is used with, which can
-    be longer than what calibration can afford.
+    be longer than what calibration can afford. The ``n_table`` examples of the sensitivity
+    table follow the held-out ones in the same file, so they are disjoint from both the
+    calibration set and the judge; when the file has too few, the table uses calibration
+    examples (logged and recorded in the plan).
     """
     from layerif_plugins.data import load_examples
 
@@ -104,24 +118,44 @@ def _load_data(calib: str | Path, holdout: str | Path | None, tokenizer: Any, n_
         return load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
 
     if not search:
-        return calibration(), None, None
+        return PlanningData(calibration())
     k = default_n_holdout(n_calib) if n_holdout is None else n_holdout
     if k < 1:
         raise DataError(f"n_holdout={k}: epsilon auto needs at least one held-out example")
     length = max_length if holdout_length is None else holdout_length
-    if holdout is not None:
-        return (calibration(), load_examples(holdout, tokenizer, max_length=length, n=k),
-                {"file": str(holdout), "first": k, "max_length": length})
+    source, skip = (holdout, 0) if holdout is not None else (calib, n_calib)
     try:
-        both = load_examples(calib, tokenizer, max_length=length, n=n_calib + k)
+        rows = _load_with_table(source, tokenizer, length, skip + k, n_table)
     except DataError as exc:
-        raise DataError(f"{exc}; epsilon auto holds out the {k} examples after the first {n_calib} "
-                        f"(n_calib + n_holdout = {n_calib + k}): use a longer file, a smaller n_holdout, or "
+        where = ("the holdout file" if holdout is not None else
+                 f"the {k} examples after the first {n_calib} (n_calib + n_holdout = {n_calib + k})")
+        raise DataError(f"{exc}; the search holds out {where}: use a longer file, a smaller n_holdout, or "
                         "a separate holdout file") from None
-    # one tokenization serves both when the lengths agree (the calibration examples are its head)
-    head = both.subset(range(n_calib)) if length == max_length else calibration()
-    return (head, both.subset(range(n_calib, n_calib + k)),
-            {"file": str(calib), "examples": [n_calib, n_calib + k], "max_length": length})
+    if holdout is not None:
+        head, held_from = calibration(), {"file": str(holdout), "first": k, "max_length": length}
+    else:  # one tokenization serves both when the lengths agree (the calibration examples are its head)
+        head = rows.subset(range(n_calib)) if length == max_length else calibration()
+        held_from = {"file": str(calib), "examples": [n_calib, n_calib + k], "max_length": length}
+    table = rows.subset(range(skip + k, len(rows))) if len(rows) > skip + k else None
+    if n_table:
+        held_from["table_examples"] = ([skip + k, len(rows)] if table is not None else
+                                       "calibration examples (the file has none after the held-out ones)")
+        if table is None:
+            logger.info("sensitivity table: %s has no examples after the held-out ones; measuring it on "
+                        "calibration examples", source)
+    return PlanningData(head, rows.subset(range(skip, skip + k)), table, held_from)
+
+
+def _load_with_table(source: str | Path, tokenizer: Any, length: int, n: int, n_table: int) -> Any:
+    """The first ``n`` examples of ``source`` and up to ``n_table`` more (fewer when the file ends)."""
+    from layerif_plugins.data import load_examples
+
+    if n_table:
+        try:
+            return load_examples(source, tokenizer, max_length=length, n=n + n_table)
+        except DataError:
+            pass  # too short for the table: the table falls back to calibration examples
+    return load_examples(source, tokenizer, max_length=length, n=n)
 
 
 def _check_saved_config(out: Path) -> None:
@@ -335,16 +369,18 @@ def _modifier(algorithm: str, sparsity: float, scores: Any, options: AllocationO
 def _plan(modifier: LayerIFSparsityModifierBase, model: Any, tokenizer: Any, plan: Any, calib: Any, n_calib: int,
           max_length: int, batch_size: int, holdout_args: dict[str, Any]) -> tuple[AllocationPlan, Any]:
     """Read ``plan``, or make one with the modifier's options on the loaded model (weights restored after)."""
-    searching = modifier.options().searched and plan is None
-    examples, held, held_from = _load_data(calib, holdout_args["holdout"], tokenizer, n_calib,
-                                           holdout_args["n_holdout"], max_length, searching,
-                                           holdout_args["holdout_length"])
+    options = modifier.options()
+    searching = options.searched and plan is None
+    n_table = options.sensitivity_examples if options.uses_table else 0
+    got = _load_data(calib, holdout_args["holdout"], tokenizer, n_calib, holdout_args["n_holdout"], max_length,
+                     searching, holdout_args["holdout_length"], n_table)
     made = (AllocationPlan.load(plan) if plan is not None else
-            modifier.plan_for_model(model, calibration_batches(examples, batch_size), held))
-    made.data["calibration"] = {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size}
-    if held_from:
-        made.data["holdout_file"] = held_from
-    return made, examples
+            modifier.plan_for_model(model, calibration_batches(got.calibration, batch_size), got.held,
+                                    table_held=got.table))
+    made.data["calibration"] = {**got.calibration.fingerprint(), "max_length": max_length, "batch_size": batch_size}
+    if got.held_from:
+        made.data["holdout_file"] = got.held_from
+    return made, got.calibration
 
 
 def _load_for_oneshot(model_path: str | Path, work: str) -> tuple[Any, Any]:

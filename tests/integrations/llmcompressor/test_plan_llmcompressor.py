@@ -137,6 +137,29 @@ def test_plan_of_another_model_or_target_is_refused_naming_the_field(stories_dir
     assert not any((tmp_path / n).exists() for n in "xyzw")
 
 
+def test_table_examples_follow_the_held_out_ones_or_fall_back_to_calibration(stories_dir, tinystories_train,
+                                                                              tmp_path):
+    from layerif_plugins.integrations.llmcompressor.planning import table_examples_for
+    from layerif_plugins.integrations.llmcompressor.prune import _load_data
+    from layerif_plugins.plan import AllocationOptions
+
+    _, tok = load_model_and_tokenizer(stories_dir)
+    every = load_examples(tinystories_train, tok, MAX_LEN, n=20)
+    got = _load_data(tinystories_train, None, tok, 8, 4, MAX_LEN, True, n_table=6)
+    assert got.calibration.input_ids == every.input_ids[:8] and got.held.input_ids == every.input_ids[8:12]
+    assert got.table.input_ids == every.input_ids[12:18] and got.held_from["table_examples"] == [12, 18]
+    options = AllocationOptions(allocation="sensitivity", sensitivity_examples=4)
+    assert table_examples_for(options, got.table, []).input_ids == every.input_ids[12:16]
+    # a file with nothing after the held-out examples: the table falls back to calibration examples
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(tinystories_train.read_text(encoding="utf-8").splitlines()[:400]), encoding="utf-8")
+    n_short = len(load_examples(short, tok, MAX_LEN))
+    got = _load_data(short, None, tok, n_short - 2, 2, MAX_LEN, True, n_table=6)
+    assert got.table is None and got.held_from["table_examples"].startswith("calibration examples")
+    batches = calibration_batches(got.calibration, 1)
+    assert table_examples_for(options, None, batches).input_ids == got.calibration.input_ids[:4]
+
+
 def test_budget_too_small_is_refused_before_any_work(stories_dir, tinystories_train, tmp_path):
     with pytest.raises(AllocationError, match="budget of 1 pruning pass"):
         plan_pruning(stories_dir, tmp_path / "p.json", sparsity=0.5, allocation="auto", budget_prunes=1,
@@ -157,6 +180,9 @@ def test_cli_plan_then_prune_with_the_plan(stories_dir, tinystories_train, tmp_p
     plan = AllocationPlan.load(tmp_path / "plan.json")
     table = plan.extras["sensitivity"]
     assert len(table["costs"]) == 5 and len(table["grid"]) == 7
+    # the table was measured on the 16 examples after the held-out ones, never on the judge's
+    assert plan.data["holdout_file"]["table_examples"] == [12, 28] and table["examples"]["n"] == 16
+    assert table["examples"]["sha256"] != plan.data["holdout"]["sha256"]
     assert sum(c["knobs"].get("source") == "move" for c in plan.candidates) <= 2
     assert main(["prune", *args, "--allocation", "uniform", "--plan", str(tmp_path / "plan.json"),
                  "--out", str(tmp_path / "pruned")]) == 0
