@@ -172,6 +172,15 @@ def perplexity(
 
 
 @torch.no_grad()
+def token_losses_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Per row: summed next-token cross-entropy (fp32, ``IGNORE_INDEX`` excluded) and its token count."""
+    logits = logits.float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
+    return [float(x) for x in nll.sum(dim=1)], [int(x) for x in (target != IGNORE_INDEX).sum(dim=1)]
+
+
 def example_token_losses(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 16
                          ) -> tuple[list[float], list[int]]:
     """Per example: the summed next-token cross-entropy (nats, padding excluded) and its token count.
@@ -186,12 +195,10 @@ def example_token_losses(model: nn.Module, examples: Examples, pad_id: int, batc
     counts: list[int] = []
     for batch in batches(examples, batch_size, pad_id):
         b = batch.to(device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()
-        target = b.labels[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
-        sums += [float(x) for x in nll.sum(dim=1)]
-        counts += [int(x) for x in (target != IGNORE_INDEX).sum(dim=1)]
+        s, c = token_losses_from_logits(model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                              use_cache=False).logits, b.labels)
+        sums += s
+        counts += c
     model.train(was_training)
     if sum(counts) == 0:
         raise DataError("the examples hold no predictable tokens")

@@ -31,13 +31,14 @@ from layerif_plugins.allocate.sparsity import AUTO, REFERENCE_EPSILON, search_gr
 from layerif_plugins.data import Examples
 from layerif_plugins.errors import ConfigError
 from layerif_plugins.evaluation.perplexity import example_token_losses
+from layerif_plugins.evaluation.resume import LayerResume, resumable
 from layerif_plugins.integrations.llmcompressor.search import (
     Batch,
     WeightSnapshot,
     batches_to_examples,
     prune_in_session,
 )
-from layerif_plugins.models import fingerprint
+from layerif_plugins.models import fingerprint, num_layers
 from layerif_plugins.plan import knapsack
 from layerif_plugins.plan.artifact import AllocationPlan
 from layerif_plugins.plan.decide import token_mean
@@ -135,6 +136,23 @@ def _sparsify(algorithm: str, module: torch.nn.Module, stat: torch.Tensor, level
     return weight
 
 
+#: most bytes the cached per-layer inputs of the table's examples may take (else: full forwards)
+RESUME_CACHE_BYTES = 2 * 2**30
+
+
+def _layer_resume(model: torch.nn.Module, held: Examples) -> LayerResume | None:
+    """A :class:`LayerResume` for the table (layers before the pruned one are dense), when exact and affordable."""
+    if not resumable(model):
+        return None
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    longest = max((len(x) for x in held.input_ids), default=0)
+    cache = num_layers(model) * len(held) * longest * hidden * 4
+    if not hidden or cache > RESUME_CACHE_BYTES:
+        logger.info("sensitivity table: full forwards (layer inputs would take %.1f GiB)", cache / 2**30)
+        return None
+    return LayerResume(model, held, pad_id=0)
+
+
 def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], params: Sequence[int], target: float,
                         algorithm: str, fields: dict[str, Any], batches: Sequence[Batch], held: Examples,
                         step: float, half_width: int, show_progress: bool = False) -> SensitivityTable:
@@ -145,7 +163,8 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
     grid = knapsack.level_grid(target, step, half_width)
     allowed = set(knapsack.feasible_levels(grid))
     stats = calibration_statistics(model, modules, batches, algorithm)
-    base = token_mean(*_held_out_losses(model, held))
+    resume = _layer_resume(model, held)
+    base = token_mean(*(resume.capture() if resume is not None else _held_out_losses(model, held)))
     by_layer: dict[int, list[torch.nn.Module]] = {}
     for layer, _, m in modules:
         by_layer.setdefault(layer, []).append(m)
@@ -166,7 +185,8 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
                     with torch.no_grad():
                         for m in mods:
                             update_offload_parameter(m, "weight", _sparsify(algorithm, m, stats[m], level, fields))
-                    row.append(token_mean(*_held_out_losses(model, held)) - base)
+                    losses = resume.losses(layer) if resume is not None else _held_out_losses(model, held)
+                    row.append(token_mean(*losses) - base)
                 finally:
                     snapshot.restore()
                 prunes += 1
@@ -174,6 +194,8 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
             costs.append(row)
     finally:
         bar.close()
+        if resume is not None:
+            resume.clear()
     return SensitivityTable(grid=grid, costs=costs, center=half_width, base_loss=base,
                             seconds=time.perf_counter() - t0, layer_prunes=prunes)
 

@@ -34,7 +34,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("algorithm", ["wanda", "sparsegpt"])
 def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(stories_dir, tinystories_train,
-                                                                          tinystories_valid, algorithm):
+                                                                          tinystories_valid, algorithm,
+                                                                          monkeypatch):
     from layerif_plugins.evaluation.perplexity import example_token_losses
     from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier
 
@@ -47,6 +48,15 @@ def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(storie
     table = measure_sensitivity(model, modules, params, 0.5, algorithm, mod.algorithm_fields(), batches, held,
                                 step=0.2, half_width=1)
     assert table.grid == pytest.approx([0.3, 0.5, 0.7]) and table.layer_prunes == 15
+    # the table runs each pruned layer on from the dense inputs (LayerResume); full forwards give the same table
+    from layerif_plugins.integrations.llmcompressor import planning
+
+    monkeypatch.setattr(planning, "RESUME_CACHE_BYTES", 0)
+    full = measure_sensitivity(model, modules, params, 0.5, algorithm, mod.algorithm_fields(), batches, held,
+                               step=0.2, half_width=1)
+    assert full.base_loss == pytest.approx(table.base_loss, abs=1e-6)
+    for got, want in zip(table.costs, full.costs, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the table left the model dense
     for layer, k in [(2, 2), (0, 0)]:
