@@ -11,6 +11,10 @@ process* (best of ``--repeats``), so that the ratios are measured under the same
 
 and reports seconds, the ratio to fwd+bwd, tokens/s (train + validation tokens / s), the peak
 RSS of each phase (Linux ``VmHWM``, reset before each phase; CUDA: ``max_memory_allocated``).
+``--batch-size auto`` lets the engine choose the batch from free memory (CUDA;
+:mod:`layerif_plugins.engine.autobatch`) and runs fwd+bwd and every mode with that batch;
+``--stats-precision`` selects ``InfluenceConfig.stats_precision``. A failed cell is reported and
+the others still run (exit status 1 at the end).
 
 ``--load-rows`` adds rows under a synthetic competing load (``--load-procs`` busy-loop
 processes started and stopped by this script): without the thread defaults (the user's
@@ -23,8 +27,9 @@ the same cell on an idle machine.
 (``--ref-examples`` × ``--ref-layers``, ``--ref-pairs`` pairs) and scales it linearly.
 
 Models: ``smollm2-135m`` (the catalogue's real SmolLM2-135M when fetched, else ``--model-path``,
-else a config-built random-weight model of its shape), ``stories260k`` (shared), ``llama32x256``
-and ``qwen05b`` (config-built random weights: timing only; Qwen2-0.5B's shape). Data: TinyStories
+else a config-built random-weight model of its shape), ``stories260k`` (shared), ``llama32x256``,
+``qwen05b``, ``qwen15b`` and ``llama8b`` (config-built random weights: timing only; the shapes of
+Qwen2-0.5B, Qwen2-1.5B and Llama-3-8B, built in ``--dtype`` directly on ``--device``). Data: TinyStories
 from the shared assets tokenized by the model's tokenizer (the stories260K one for config-built
 models), or, with ``--data synthetic`` / when the assets are absent, seeded random token ids.
 
@@ -50,8 +55,10 @@ import torch  # noqa: E402
 
 from layerif_plugins.data import Examples, batches, load_examples  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig, compute_influence  # noqa: E402
+from layerif_plugins.engine.autobatch import batch_size_for  # noqa: E402
 from layerif_plugins.engine.loss import per_example_loss  # noqa: E402
 from layerif_plugins.engine.reference import _influence_one_weight, reference_influence  # noqa: E402
+from layerif_plugins.engine.stats import PRECISIONS  # noqa: E402
 from layerif_plugins.engine.threads import available_cpus, threads_env  # noqa: E402
 from layerif_plugins.models import block_linears, load_model_and_tokenizer  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
@@ -67,16 +74,23 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                     rope_theta=1000000.0),
+    "qwen15b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                    rope_theta=1000000.0),
+    "llama8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+                    rope_theta=500000.0),
 }
-MODEL_NAMES = ("smollm2-135m", "stories260k", "llama32x256", "qwen05b")
+MODEL_NAMES = ("smollm2-135m", "stories260k", "llama32x256", "qwen05b", "qwen15b", "llama8b")
 
 
 def _stories_tokenizer():
     return load_model_and_tokenizer(stories260k_checkpoint())[1] if stories260k_checkpoint().is_file() else None
 
 
-def config_built(name: str, device: str = "cpu"):
-    """A random-weight model of ``SHAPES[name]`` (seeded, built on ``device``) and the stories260K tokenizer."""
+def config_built(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A random-weight model of ``SHAPES[name]`` (seeded), built in ``dtype`` directly on ``device`` (an 8B
+    shape in bf16 never exists in fp32 or on the host), and the stories260K tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(SHAPES[name])
@@ -84,11 +98,11 @@ def config_built(name: str, device: str = "cpu"):
     torch.manual_seed(0)
     cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     with torch.device(device):
-        model = model_cls(cfg_cls(max_position_embeddings=4096, **shape))
+        model = model_cls._from_config(cfg_cls(max_position_embeddings=4096, **shape), dtype=dtype)
     return model.eval(), _stories_tokenizer(), "config-built, random weights"
 
 
-def build_model(name: str, model_path: str | None, device: str = "cpu"):
+def build_model(name: str, model_path: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """``(model, tokenizer or None, provenance)``."""
     if name == "stories260k":
         model, tok = load_model_and_tokenizer(stories260k_checkpoint())
@@ -106,7 +120,7 @@ def build_model(name: str, model_path: str | None, device: str = "cpu"):
         if path is not None:
             model, tok = load_model_and_tokenizer(path)
             return model.eval(), tok, f"real weights ({path})"
-    return config_built(name, device)
+    return config_built(name, device, dtype)
 
 
 def load_task(tok, vocab: int, n: int, m: int, length: int, data: str) -> tuple[Examples, Examples, str]:
@@ -168,13 +182,25 @@ def timed(work, device: torch.device) -> tuple[float, float, float]:
 def cell(a: argparse.Namespace) -> dict[str, Any]:
     """Time fwd+bwd and every engine mode alternately in this process; best of ``repeats``."""
     device = torch.device(a.device)
-    model, tok, provenance = build_model(a.model, a.model_path, a.device)
-    model = model.to(device=device, dtype=getattr(torch, a.dtype))
+    dtype = getattr(torch, a.dtype)
+    model, tok, provenance = build_model(a.model, a.model_path, a.device, dtype)
+    model = model.to(device=device, dtype=dtype)
     train, val, data = load_task(tok, model.config.vocab_size, a.n, a.m, a.length, a.data)
     both = Examples(train.input_ids + val.input_ids)
+    modes = a.modes.split(",")
+
+    def config(mode: str, batch_size: int, auto: bool = False) -> InfluenceConfig:
+        return InfluenceConfig(params=a.params, batch_size=batch_size, auto_batch_size=auto, mode=mode,
+                               show_progress=False, max_factor_memory=a.max_factor_memory,
+                               stats_precision=a.stats_precision)
+
+    # --batch-size auto: the engine's own choice (for the first mode) is used by fwd+bwd and every mode alike,
+    # so that all of them run the same batches
+    batch_size = (batch_size_for(model, train, val, 0, config(modes[0], 8, auto=True)) if a.batch_size == "auto"
+                  else int(a.batch_size))
 
     def fwdbwd() -> None:
-        for batch in batches(both, a.batch_size, 0):
+        for batch in batches(both, batch_size, 0):
             batch = batch.to(device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
             per_example_loss(logits, batch.labels).sum().backward()
@@ -183,8 +209,7 @@ def cell(a: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, dict[str, Any]] = {}
 
     def engine(mode: str):
-        cfg = InfluenceConfig(params=a.params, batch_size=a.batch_size, mode=mode, show_progress=False,
-                              max_factor_memory=a.max_factor_memory)
+        cfg = config(mode, batch_size)
 
         def work() -> None:
             res = compute_influence(model, train, val, 0, cfg)
@@ -192,7 +217,7 @@ def cell(a: argparse.Namespace) -> dict[str, Any]:
 
         return work
 
-    works = {"fwd+bwd": fwdbwd, **{mode: engine(mode) for mode in a.modes.split(",")}}
+    works = {"fwd+bwd": fwdbwd, **{mode: engine(mode) for mode in modes}}
     best: dict[str, list[float]] = {}
     for _ in range(max(1, a.repeats)):
         for name, work in works.items():
@@ -200,7 +225,8 @@ def cell(a: argparse.Namespace) -> dict[str, Any]:
             old = best.get(name)
             best[name] = [min(sec, old[0]), max(peak, old[1]), min(cpu, old[2])] if old else [sec, peak, cpu]
     out: dict[str, Any] = {"provenance": provenance, "data": data, "tokens": both.num_tokens,
-                           "threads": torch.get_num_threads(),
+                           "threads": torch.get_num_threads(), "batch_size": batch_size,
+                           "stats_precision": a.stats_precision,
                            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "n_params": sum(p.numel() for p in model.parameters()),
                            "results": {k: {"seconds": v[0], "peak_mb": v[1], "cpu_seconds": v[2], **extra.get(k, {})}
@@ -239,6 +265,7 @@ def run_cell(model: str, n: int, m: int, length: int, a: argparse.Namespace, env
     cmd = [sys.executable, __file__, "--_cell", "--model", model, "--n", str(n), "--m", str(m),
            "--lengths", str(length), "--repeats", str(a.repeats), "--batch-size", str(a.batch_size),
            "--params", a.params, "--modes", a.modes, "--device", a.device, "--dtype", a.dtype, "--data", a.data,
+           "--stats-precision", a.stats_precision,
            "--ref-examples", str(a.ref_examples), "--ref-layers", str(a.ref_layers),
            "--ref-pairs", str(a.ref_pairs)]
     if a.model_path:
@@ -249,8 +276,12 @@ def run_cell(model: str, n: int, m: int, length: int, a: argparse.Namespace, env
         cmd.append("--reference")
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
-        raise SystemExit(f"cell {model} n={n} T={length} failed:\n{res.stderr[-3000:]}")
+        raise CellFailed(f"cell {model} n={n} T={length} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class CellFailed(RuntimeError):
+    """A cell's subprocess exited non-zero (its stderr tail is the message)."""
 
 
 class BusyLoad:
@@ -278,15 +309,25 @@ def rows_of(res: dict[str, Any], label: str, n: int, length: int) -> list[list[A
     fb, fb_cpu = results["fwd+bwd"]["seconds"], results["fwd+bwd"]["cpu_seconds"]
     rows = []
     for mode, r in results.items():
-        rows.append([label, mode, n, length, r["seconds"], fb, r["seconds"] / fb, r["cpu_seconds"] / fb_cpu,
+        rows.append([label, mode, n, length, res.get("batch_size", ""), r["seconds"], fb, r["seconds"] / fb,
+                     r["cpu_seconds"] / fb_cpu,
                      res["tokens"] / r["seconds"], r["peak_mb"], r.get("model_batches", ""),
                      f"{r['factor_gb']:.2f}" if "factor_gb" in r else ""])
     return rows
 
 
-HEADER = ["condition", "mode", "n", "T", "s", "fwd+bwd s", "ratio to fwd+bwd", "CPU-time ratio", "tokens/s",
+HEADER = ["condition", "mode", "n", "T", "batch", "s", "fwd+bwd s", "ratio to fwd+bwd", "CPU-time ratio", "tokens/s",
           "peak MB",
           "model batches", "factors GB"]
+
+
+def batch_size_arg(text: str) -> int | str:
+    """``auto`` or a whole number >= 1 (``--batch-size``)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size (a whole number >= 1, or auto)")
+    return int(text)
 
 
 def uptime() -> str:
@@ -303,7 +344,11 @@ def main() -> None:
     p.add_argument("--m", type=int, default=None, help="validation examples (default n/4, at least 8)")
     p.add_argument("--modes", default="four-pass,one-pass")
     p.add_argument("--max-factor-memory", default=None, help="one-pass budget (default: half the free memory)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=batch_size_arg, default=8,
+                   help="examples per batch, or auto (CUDA: the engine's choice from free memory, used by fwd+bwd "
+                        "and every mode alike; CPU: 8)")
+    p.add_argument("--stats-precision", default="fp32", choices=list(PRECISIONS),
+                   help="InfluenceConfig.stats_precision (tf32: CUDA only)")
     p.add_argument("--params", default="attn")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
@@ -335,23 +380,31 @@ def main() -> None:
     cpus = available_cpus()
     env_defaults = threads_env(a.threads or cpus, "PASSIVE")
     sections = [f"# LayerIF engine benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')} UTC, device {a.device} "
-                f"({a.dtype}), params={a.params}, batch size {a.batch_size}, m = n/4 validation examples "
-                f"(at least 8) unless --m, best of {a.repeats}; `ratio` = engine s / plain batched fwd+bwd s "
-                "over the same n + m examples, timed alternately in one process; `CPU-time ratio` = the same with this "
-                "process's CPU seconds (robust to other load on a shared machine). Thread defaults: "
+                f"({a.dtype}), params={a.params}, batch size {a.batch_size}, statistics {a.stats_precision}, "
+                f"m = n/4 validation examples (at least 8) unless --m, best of {a.repeats}; `ratio` = engine s / "
+                "plain batched fwd+bwd s over the same n + m examples, timed alternately in one process; "
+                "`CPU-time ratio` = the same with this process's CPU seconds (robust to other load on a shared "
+                "machine). Thread defaults: "
                 f"OMP_WAIT_POLICY=PASSIVE, {a.threads or cpus} intra-op threads.\n"]
+    failed = 0
     for model in models:
-        rows, notes = [], []
+        rows, notes, res = [], [], None
         for length in lengths:
             for n in ns:
                 m = a.m or max(8, n // 4)
                 before = uptime()
-                res = run_cell(model, n, m, length, a, env_defaults,
-                               reference=a.reference and n == ns[-1])
+                try:
+                    res = run_cell(model, n, m, length, a, env_defaults,
+                                   reference=a.reference and n == ns[-1])
+                except CellFailed as exc:  # the other cells still run; the exit status says that one failed
+                    failed += 1
+                    print(exc, file=sys.stderr, flush=True)
+                    notes.append(f"n={n} T={length}: FAILED ({str(exc).strip().splitlines()[-1][:200]})")
+                    continue
                 rows += rows_of(res, "no added load", n, length)
                 if "reference" in res:
                     ref = res["reference"]
-                    rows.append(["no added load", "published loop (scaled)", n, length, ref["seconds"],
+                    rows.append(["no added load", "published loop (scaled)", n, length, "", ref["seconds"],
                                  res["results"]["fwd+bwd"]["seconds"],
                                  ref["seconds"] / res["results"]["fwd+bwd"]["seconds"], "",
                                  res["tokens"] / ref["seconds"], "", "", ""])
@@ -359,7 +412,7 @@ def main() -> None:
                 notes.append(f"n={n} T={length}: {before} before, {uptime()} after")
                 print(markdown_table(HEADER, rows[-3:]), flush=True)
         info = (f"{res['provenance']}, {res['n_params'] / 1e6:.1f}M parameters, {res['data']}, "
-                f"{res['threads']} threads, {res['device']}")
+                f"{res['threads']} threads, {res['device']}") if res else "every cell failed"
         sections.append(f"## {model} ({info})\n\n" + markdown_table(HEADER, rows) + "\n\n"
                         + "\n".join(f"- {x}" for x in notes) + "\n")
     if a.load_rows:
@@ -369,6 +422,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    if failed:
+        raise SystemExit(f"{failed} cell(s) failed (see above and {out})")
 
 
 def load_section(model: str, length: int, a: argparse.Namespace, cpus: int, env_defaults: dict[str, str]) -> str:

@@ -39,6 +39,10 @@ class InfluenceConfig:
     damping: float = field(default=0.1, metadata={
         "help": "the λ factor: λ_w = damping · mean_i ||g_{i,w}||² / numel(w) (0.1 in DataInf)"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward in every pass"})
+    auto_batch_size: bool = field(default=False, metadata={
+        "help": "on CUDA, choose the batch size from free memory instead of batch_size (a probe of 1- and "
+                "2-example batches of the longest example measures the bytes per example; half of what the "
+                "one-pass factors and the gradient-sized vectors leave free is used); on CPU batch_size is kept"})
     pairwise: bool = field(default=False, metadata={
         "help": "also return the full IF_l(i,j) matrices (L×n×m); needs m gradient-sized vectors per module, "
                 "so keep the validation set small"})
@@ -66,9 +70,15 @@ class InfluenceConfig:
     max_factor_memory: int | str | None = field(default=None, metadata={
         "help": "memory budget for the one-pass factors, bytes or e.g. 4GB / 512MiB (default: half the "
                 "free memory of the model's device)"})
+    stats_precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
+        "help": "operands of the per-example statistics' products: fp32 (exact to float rounding); tf32 "
+                "(CUDA only: TF32 tensor-core matmuls, refused on CPU); bf16 (bf16 operands, every product's "
+                "result and every sum in fp32; meant for GPUs: a CPU without bf16 instructions runs it "
+                "slower). Changes the numbers within a stated tolerance (tests/engine/test_engine_precision.py), "
+                "so a checkpoint of one precision is not resumed under another"})
 
     # options that do not change the numbers (beyond float rounding), so a resumed run may differ in them
-    RUNTIME_ONLY = ("batch_size", "grad_mode", "materialize_limit_bytes", "max_tokens_per_batch",
+    RUNTIME_ONLY = ("batch_size", "auto_batch_size", "grad_mode", "materialize_limit_bytes", "max_tokens_per_batch",
                     "checkpoint_dir", "gradient_checkpointing", "show_progress", "mode",
                     "max_factor_memory")
 
@@ -82,7 +92,7 @@ class InfluenceConfig:
         ``damping`` would otherwise pass ``damping <= 0`` and surface only as "non-finite scores"
         after the whole computation.
         """
-        for name in ("params", "grad_mode", "mode"):
+        for name in ("params", "grad_mode", "mode", "stats_precision"):
             choices = typing.get_args(typing.get_type_hints(type(self))[name])
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r} "
@@ -99,10 +109,21 @@ class InfluenceConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 option = name.replace("_", "-")
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r} (option --{option})")
+        if not isinstance(self.auto_batch_size, bool):
+            raise ConfigError(f"auto_batch_size must be True or False, got {self.auto_batch_size!r} "
+                              "(option --auto-batch-size)")
         parse_bytes(self.max_factor_memory)  # "4GB", "512MiB", bytes or None; anything else names the value
 
     def numeric_options(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+        """The options that change the numbers (a run's checkpoint fingerprint).
+
+        ``stats_precision`` enters only when it is not the default ``"fp32"``, so a checkpoint directory
+        written before the option existed (all fp32) still resumes, and one of another precision is refused.
+        """
+        out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+        if out.get("stats_precision") == "fp32":
+            del out["stats_precision"]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +147,7 @@ class InfluenceResult:
     timings: dict[str, float] = field(default_factory=dict)
     model_batches: int = 0  # batched forward+backward runs of the model (validation + train, this rank)
     factor_bytes: int = 0  # train factors held in memory by the one-pass mode (this rank)
+    batch_size: int = 0  # examples per batch this run used (auto_batch_size: the chosen one)
 
 
 def aggregate_positive(per_example: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from layerif_plugins.engine.capture import Captured
-from layerif_plugins.engine.stats import dots, norms_and_dots, per_example_grads, weighted_sum
+from layerif_plugins.engine.stats import Precision, as_dtype, dots, norms_and_dots, per_example_grads, weighted_sum
 from layerif_plugins.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -67,23 +67,26 @@ class ModuleFactors:
     b: torch.Tensor | None = None
     g: torch.Tensor | None = None
 
-    def norms_and_dots(self, x: torch.Tensor, dtype: torch.dtype, ghost: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(||g_i||², g_iᵀX_j)``."""
+    def norms_and_dots(self, x: torch.Tensor, dtype: torch.dtype, ghost: bool,
+                       compute: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||g_i||², g_iᵀX_j)``; a held gradient (possibly bf16) is read in the accumulation dtype."""
         if self.g is not None:
-            return self.g.pow(2).sum(dim=(1, 2)), torch.einsum("boi,moi->bm", self.g, x.to(dtype))
-        return norms_and_dots(self.a, self.b, x, dtype, ghost)
+            g = as_dtype(self.g, dtype)
+            return g.pow(2).sum(dim=(1, 2)), torch.einsum("boi,moi->bm", g, x.to(dtype))
+        return norms_and_dots(self.a, self.b, x, dtype, ghost, compute)
 
-    def dots(self, x: torch.Tensor, dtype: torch.dtype, ghost: bool) -> torch.Tensor:
+    def dots(self, x: torch.Tensor, dtype: torch.dtype, ghost: bool,
+             compute: torch.dtype | None = None) -> torch.Tensor:
         """``g_iᵀX_j`` (b, m)."""
         if self.g is not None:
-            return torch.einsum("boi,moi->bm", self.g, x.to(dtype))
-        return dots(self.a, self.b, x, dtype, ghost)
+            return torch.einsum("boi,moi->bm", as_dtype(self.g, dtype), x.to(dtype))
+        return dots(self.a, self.b, x, dtype, ghost, compute)
 
-    def weighted_sum(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def weighted_sum(self, w: torch.Tensor, dtype: torch.dtype, compute: torch.dtype | None = None) -> torch.Tensor:
         """``Σ_i w[i, j] g_i`` (m, o, i)."""
         if self.g is not None:
-            return torch.einsum("bm,boi->moi", w.to(dtype), self.g)
-        return weighted_sum(self.a, self.b, w, dtype)
+            return torch.einsum("bm,boi->moi", w.to(dtype), as_dtype(self.g, dtype))
+        return weighted_sum(self.a, self.b, w, dtype, compute)
 
 
 def input_leaders(inputs: Sequence[torch.Tensor]) -> list[int]:
@@ -121,12 +124,17 @@ def choose_materialized(
 
 
 def represent(cap: Captured, shapes: Sequence[tuple[int, int]], ghost: Sequence[bool],
-              dtype: torch.dtype) -> tuple[list[ModuleFactors], int]:
-    """A captured train batch as per-module factors (see module docstring) and its bytes held."""
+              precision: Precision) -> tuple[list[ModuleFactors], int]:
+    """A captured train batch as per-module factors (see module docstring) and its bytes held.
+
+    Materialized gradients are held in ``precision.compute`` (bf16 under ``stats_precision="bf16"``: half
+    the bytes; read back in the accumulation dtype).
+    """
     a0 = cap.inputs[0]
+    compute = precision.compute
     choice, nbytes = choose_materialized(a0.shape[0], a0.shape[1], shapes, input_leaders(cap.inputs), ghost,
-                                         a0.element_size(), torch.finfo(dtype).bits // 8)
-    out = [ModuleFactors(g=per_example_grads(a, b, dtype)) if mat else ModuleFactors(a=a, b=b)
+                                         a0.element_size(), torch.finfo(compute).bits // 8)
+    out = [ModuleFactors(g=per_example_grads(a, b, precision.acc, compute)) if mat else ModuleFactors(a=a, b=b)
            for a, b, mat in zip(cap.inputs, cap.grads, choice, strict=True)]
     return out, nbytes
 

@@ -29,10 +29,17 @@ sees the train set once. Batches past the budget are captured again (the four-pa
 batches only). λ needs every norm and ``u`` every ``c_k / d_k``, so no pass can be fused with
 another: holding the factors is what saves the model passes, and it changes no number - the
 batches are visited in the same order, with the same per-batch representation, in every mode.
+
+**Precision and batch size** (``InfluenceConfig.stats_precision``, ``auto_batch_size``): the
+statistics' products may take bf16 (or, on CUDA, TF32) operands, with every result and sum kept in
+the accumulation dtype (:class:`~layerif_plugins.engine.stats.Precision`; part of the checkpoint
+fingerprint); on CUDA the batch size may be chosen from free memory
+(:mod:`layerif_plugins.engine.autobatch`, a runtime option).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -41,13 +48,14 @@ import torch
 from torch import nn
 
 from layerif_plugins.data import Examples
+from layerif_plugins.engine.autobatch import choose_batch_size
 from layerif_plugins.engine.capture import frozen_parameters
 from layerif_plugins.engine.checkpoint import PassCheckpoints
 from layerif_plugins.engine.config import InfluenceConfig, InfluenceResult, aggregate_positive
 from layerif_plugins.engine.factors import FactorStore, ModuleFactors, free_memory, parse_bytes
 from layerif_plugins.engine.runner import PassCallback, PassRunner, PassSpec, weight_shape
-from layerif_plugins.engine.stats import per_example_grads
-from layerif_plugins.errors import DataError, NumericsError
+from layerif_plugins.engine.stats import Precision, as_dtype, per_example_grads
+from layerif_plugins.errors import ConfigError, DataError, NumericsError
 from layerif_plugins.models import LinearModule, block_linears, fingerprint, num_layers
 
 logger = logging.getLogger(__name__)
@@ -56,6 +64,17 @@ logger = logging.getLogger(__name__)
 def accumulation_dtype(model: nn.Module) -> torch.dtype:
     """fp64 for fp64 models (tests), fp32 otherwise (bf16/fp16 models accumulate in fp32)."""
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def stats_precision(config: InfluenceConfig, model: nn.Module, targets: Sequence[LinearModule]) -> Precision:
+    """The statistics' :class:`Precision` of this run; ``tf32`` on a model not wholly on CUDA is refused."""
+    if config.stats_precision == "tf32":
+        where = sorted({str(t.module.weight.device) for t in targets if t.module.weight.device.type != "cuda"})
+        if where:
+            raise ConfigError(f"stats_precision='tf32' needs a CUDA device (TF32 is an NVIDIA tensor-core mode), but "
+                              f"the model has layers on {', '.join(where)}: use 'fp32' (exact) or 'bf16' there "
+                              "(option --stats-precision)")
+    return Precision.of(config.stats_precision, accumulation_dtype(model))
 
 
 def choose_ghost(targets: Sequence[LinearModule], config: InfluenceConfig, itemsize: int) -> list[bool]:
@@ -104,13 +123,10 @@ def compute_influence(
         raise DataError(f"need at least one train and one validation example (got {len(train)} and {len(val)})")
     config.validate()  # again: the dataclass is mutable, and a changed field must not reach the passes
     targets = block_linears(model, config.params)
-    acc_dtype = accumulation_dtype(model)
-    ghost = choose_ghost(targets, config, torch.finfo(acc_dtype).bits // 8)
+    precision = stats_precision(config, model, targets)
     main = model.get_input_embeddings().weight.device
     store = FactorStore(factor_budget(config, main))
     ckpt = PassCheckpoints(config.checkpoint_dir, _run_fingerprint(model, train, val, config))
-    runner = PassRunner(model, targets, pad_id, config, ckpt, store, ghost, acc_dtype,
-                        on_pass_end or (lambda _name: None))
     was_training, was_ckpt = model.training, getattr(model, "is_gradient_checkpointing", False)
     model.eval()
     if config.gradient_checkpointing and not was_ckpt:
@@ -118,6 +134,13 @@ def compute_influence(
         model.eval()  # HF only recomputes in train mode for some models; eval keeps dropout off either way
     try:
         with frozen_parameters(model):
+            shapes = [weight_shape(t) for t in targets]
+            batch = choose_batch_size(model, targets, shapes, train, val, pad_id, config, store.budget, precision)
+            if batch != config.batch_size:
+                config = dataclasses.replace(config, batch_size=batch)
+            ghost = choose_ghost(targets, config, torch.finfo(precision.acc).bits // 8)
+            runner = PassRunner(model, targets, pad_id, config, ckpt, store, ghost, precision,
+                                on_pass_end or (lambda _name: None))
             influence, lam, losses = _logical_passes(runner, train, val, config)
     finally:
         held_bytes = store.used
@@ -126,7 +149,7 @@ def compute_influence(
             model.gradient_checkpointing_disable()
         model.train(was_training)
     result = _to_result(model, targets, influence, lam, config.pairwise, *losses, runner.timings)
-    result.model_batches, result.factor_bytes = runner.model_passes, held_bytes
+    result.model_batches, result.factor_bytes, result.batch_size = runner.model_passes, held_bytes, config.batch_size
     return result
 
 
@@ -138,6 +161,7 @@ def _logical_passes(runner: PassRunner, train: Examples, val: Examples, config: 
     """
     acc_dtype, ghost, shapes, devices, main = (runner.acc_dtype, runner.ghost, runner.shapes, runner.devices,
                                                 runner.device)
+    compute = runner.precision.compute
     n, m_vec, k_mod = len(train), (len(val) if config.pairwise else 1), len(shapes)
 
     def zero_val_gradients() -> dict[str, Any]:
@@ -147,10 +171,10 @@ def _logical_passes(runner: PassRunner, train: Examples, val: Examples, config: 
     def add_val_gradients(state: dict[str, Any], index: list[int], factors: list[ModuleFactors]) -> None:
         for k, f in enumerate(factors):
             if config.pairwise:
-                state["vecs"][k][index] = per_example_grads(f.a, f.b, acc_dtype)
+                state["vecs"][k][index] = as_dtype(per_example_grads(f.a, f.b, acc_dtype, compute), acc_dtype)
             else:
                 ones = torch.ones(len(index), 1, dtype=acc_dtype, device=f.a.device)
-                state["vecs"][k] += f.weighted_sum(ones, acc_dtype)
+                state["vecs"][k] += f.weighted_sum(ones, acc_dtype, compute)
 
     val_pass = runner.run(PassSpec("pass0", "pass0_val", "LayerIF pass 0/3 (validation gradient)", val,
                                    zero_val_gradients, add_val_gradients, "val_losses", train=False))
@@ -158,7 +182,7 @@ def _logical_passes(runner: PassRunner, train: Examples, val: Examples, config: 
 
     def add_norms_and_dots(state: dict[str, Any], index: list[int], factors: list[ModuleFactors]) -> None:
         for k, f in enumerate(factors):
-            nrm, dot = f.norms_and_dots(vecs[k], acc_dtype, ghost[k])
+            nrm, dot = f.norms_and_dots(vecs[k], acc_dtype, ghost[k], compute)
             state["norms"][k, index], state["cross"][k, index] = nrm.to(main), dot.to(main)
 
     norms_pass = runner.run(PassSpec("pass1", "pass1_train", "LayerIF pass 1/3 (norms, g·V)", train,
@@ -175,14 +199,14 @@ def _logical_passes(runner: PassRunner, train: Examples, val: Examples, config: 
 
     def add_weighted_gradients(state: dict[str, Any], index: list[int], factors: list[ModuleFactors]) -> None:
         for k, f in enumerate(factors):
-            state["us"][k] += f.weighted_sum(weights[k, index].to(devices[k]), acc_dtype)
+            state["us"][k] += f.weighted_sum(weights[k, index].to(devices[k]), acc_dtype, compute)
 
     us = runner.run(PassSpec("pass2", "pass2_train", "LayerIF pass 2/3 (weighted gradient u)", train,
                              lambda: {"us": [torch.zeros_like(v) for v in vecs]}, add_weighted_gradients))["us"]
 
     def add_projections(state: dict[str, Any], index: list[int], factors: list[ModuleFactors]) -> None:
         for k, f in enumerate(factors):
-            state["proj"][k, index] = f.dots(us[k], acc_dtype, ghost[k]).to(main)
+            state["proj"][k, index] = f.dots(us[k], acc_dtype, ghost[k], compute).to(main)
 
     proj = runner.run(PassSpec("pass3", "pass3_train", "LayerIF pass 3/3 (g·u)", train,
                                lambda: {"proj": torch.zeros(k_mod, n, m_vec, dtype=acc_dtype, device=main)},
@@ -224,4 +248,4 @@ def _to_result(
     )
 
 
-__all__ = ["accumulation_dtype", "choose_ghost", "compute_influence", "factor_budget"]
+__all__ = ["accumulation_dtype", "choose_ghost", "compute_influence", "factor_budget", "stats_precision"]

@@ -26,6 +26,7 @@ from layerif_plugins.engine.capture import Captured, capture
 from layerif_plugins.engine.checkpoint import PassCheckpoints
 from layerif_plugins.engine.config import InfluenceConfig
 from layerif_plugins.engine.factors import FactorStore, ModuleFactors, represent
+from layerif_plugins.engine.stats import Precision
 from layerif_plugins.errors import NumericsError
 from layerif_plugins.models import LinearModule
 
@@ -70,10 +71,11 @@ class PassRunner:
     """
 
     def __init__(self, model: nn.Module, targets: list[LinearModule], pad_id: int, config: InfluenceConfig,
-                 ckpt: PassCheckpoints, store: FactorStore, ghost: list[bool], acc_dtype: torch.dtype,
+                 ckpt: PassCheckpoints, store: FactorStore, ghost: list[bool], precision: Precision,
                  notify: PassCallback):
         self.model, self.targets, self.pad_id, self.config = model, targets, pad_id, config
-        self.ckpt, self.store, self.ghost, self.acc_dtype, self.notify = ckpt, store, ghost, acc_dtype, notify
+        self.ckpt, self.store, self.ghost, self.notify = ckpt, store, ghost, notify
+        self.precision, self.acc_dtype = precision, precision.acc
         self.device = model.get_input_embeddings().weight.device
         self.devices = [t.module.weight.device for t in targets]
         self.shapes = [weight_shape(t) for t in targets]
@@ -131,13 +133,15 @@ class PassRunner:
                 self._check_finite(cap, index, examples.source)
                 batch_losses = cap.losses
                 if spec.train:
-                    factors, nbytes = represent(cap, self.shapes, self.ghost, self.acc_dtype)
+                    with self.precision.matmuls():
+                        factors, nbytes = represent(cap, self.shapes, self.ghost, self.precision)
                     if offer:
                         self.store.offer(batch_no, factors, batch_losses, nbytes)
                 else:
                     factors = [ModuleFactors(a=a, b=b) for a, b in zip(cap.inputs, cap.grads, strict=True)]
                 del cap
-            fn(index, factors)
+            with self.precision.matmuls():  # the statistics only: the model's passes keep the process's setting
+                fn(index, factors)
             losses[index] = batch_losses.double().cpu()
             bar.update(len(index))
         bar.close()
