@@ -55,8 +55,8 @@ import torch  # noqa: E402
 
 from layerif_plugins.data import Examples, batches, load_examples  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig, compute_influence  # noqa: E402
-from layerif_plugins.engine.autobatch import batch_size_for  # noqa: E402
 from layerif_plugins.engine.loss import per_example_loss  # noqa: E402
+from layerif_plugins.engine.passes import batch_size_for  # noqa: E402
 from layerif_plugins.engine.reference import _influence_one_weight, reference_influence  # noqa: E402
 from layerif_plugins.engine.stats import PRECISIONS  # noqa: E402
 from layerif_plugins.engine.threads import available_cpus, threads_env  # noqa: E402

