@@ -53,6 +53,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from quality_pruning import examples_of, model_tag  # noqa: E402  (one copy of the shared helpers)
 
 SPLIT_SEED = 1234
 ORDERS = ("sensitivity", "layerif", "layerif_inverted", "depth")
@@ -85,10 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_tag(model: str) -> str:
-    return Path(model).stem if ("/" in model or model.endswith(".bin")) else model
-
-
 # ---------------------------------------------------------------------------------------- data
 
 
@@ -113,12 +112,6 @@ def splits(task: str, tok: Any, args: argparse.Namespace) -> dict[str, list[str]
     if len(out["sens"]) < args.n_sens or len(evals) < args.eval_docs:
         raise SystemExit(f"{task}: too few paragraphs for --n-sens {args.n_sens} / --eval-docs {args.eval_docs}")
     return out
-
-
-def examples_of(texts: list[str], tok: Any, max_length: int, source: str) -> Any:
-    from layerif_plugins.data import Examples
-
-    return Examples(tuple(tuple(tok(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts), source)
 
 
 # ---------------------------------------------------------------------------------------- orders
