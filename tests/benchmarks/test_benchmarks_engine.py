@@ -4,26 +4,15 @@ end to end with ``--batch-size auto`` and ``--stats-precision bf16`` (on CPU: ba
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("engine_bench", BENCH / "engine.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_benchmark("engine", "engine_bench")
 
 
 @pytest.mark.parametrize("name,params", [("qwen15b", 1_543_714_304), ("llama8b", 8_030_261_248)])

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def qp():
-    return _load("quality_pruning")
+    return load_benchmark("quality_pruning")
 
 
 def test_plan_orders_auto_last_and_adds_noise_seeds(qp):
@@ -92,7 +76,7 @@ def test_report_tables_noise_and_auto(qp, tmp_path):
 
 @pytest.mark.slow  # imports torch, transformers and PEFT
 def test_moe_layout_beta():
-    moe = _load("quality_moe")
+    moe = load_benchmark("quality_moe")
     assert moe.layout_beta("layerif:1", 2.5) == ("layerif", 1.0)
     assert moe.layout_beta("uniform", 2.5) == ("uniform", 2.5)
     args = moe.parse_args(["--quick", "--model", "stories260k"])
