@@ -2,7 +2,8 @@
 
 ``layerif demo --model smollm2-135m`` (``make demo-smollm2``) runs the same story on the real
 30-layer SmolLM2-135M (WikiText-2 and TinyStories tasks, Wanda 50/60/70 %, depth drop, and a
-vLLM section: perplexity from vLLM beside HF's, generation tokens/s dense vs dropped).
+W8A8 and mixed-precision checkpoints, and a vLLM section: bytes on disk, perplexity from vLLM
+beside HF's, generation tokens/s of dense, pruned, dropped and quantized models).
 Library INFO logs and lm-eval's / vLLM's own output go to ``--out/logs/``; the terminal shows
 one line per stage, the library's progress bars and the final summary.
 
@@ -58,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="global Wanda sparsities, comma-separated (default: 0.3,0.5,0.7; SmolLM2 0.5,0.6,0.7)")
     p.add_argument("--depth", default=None,
                    help="depth-pruning methods to compare too, comma-separated (e.g. angular,layerif,last)")
+    p.add_argument("--quantize", default=None,
+                   help="quantized models to build, evaluate and serve too, comma-separated SCHEME[@MODEL] or "
+                        "mixed-BITS[@MODEL] (e.g. W8A8,W8A8@wanda50-uniform,mixed-20; SmolLM2's default: "
+                        "W8A8,W8A8@wanda50-layerif,mixed-20; '' for none)")
     group = p.add_argument_group("demo settings (DemoConfig)",
                                  "defaults shown are stories260K's; smollm2-135m has its own "
                                  "(pipelines/demo_presets.py)")
@@ -75,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         overrides["sparsities"] = parse_sparsities(args.sparsity)
     if args.depth is not None:
         overrides["depth_methods"] = tuple(m.strip() for m in args.depth.split(",") if m.strip())
+    if args.quantize is not None:
+        overrides["quantize"] = tuple(q.strip() for q in args.quantize.split(",") if q.strip())
     return config_for(args.model, show_progress=not args.quiet, log_dir=Path(args.out) / "logs", **overrides)
 
 

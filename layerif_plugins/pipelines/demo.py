@@ -1,4 +1,4 @@
-"""The demo pipeline: convert → score per task → prune per (sparsity × allocation) → evaluate → vLLM dir checks.
+"""The demo pipeline: convert → score per task → prune per (sparsity × allocation) → drop → quantize → evaluate → vLLM.
 
 What runs is data: a :class:`DemoConfig` names the model, the tasks (each scored on its own
 train / validation examples and evaluated on documents the scorer never saw), the global
@@ -41,7 +41,7 @@ from layerif_plugins.pipelines.demo_config import (
     parse_sparsities,
 )
 from layerif_plugins.pipelines.demo_eval import evaluate_all, serve_all, vllm_status, write_heldout
-from layerif_plugins.pipelines.demo_models import drop_all, prune_all, score_tasks
+from layerif_plugins.pipelines.demo_models import drop_all, prune_all, quantize_all, score_tasks
 from layerif_plugins.pipelines.demo_presets import CONFIGS, config_for, smollm2_config, stories260k_config
 from layerif_plugins.pipelines.demo_result import (
     DemoResult,
@@ -130,6 +130,8 @@ def _run(config: DemoConfig, out: Path, progress: Progress) -> DemoResult:
     reports = {} if config.skip_prune else prune_all(hf_dir, config, out, clock, progress, fresh, reused)
     depth = drop_all(hf_dir, config, scores, out, clock, progress, fresh, reused)
     models = {"dense": hf_dir, **{label: Path(r["out"]) for label, r in {**reports, **depth}.items()}}
+    quantized = quantize_all(models, config, out, clock, progress, reused)
+    models.update({label: Path(r["out"]) for label, r in quantized.items()})
     heldout = write_heldout(config, out)
     evals = evaluate_all(models, heldout, config, out, clock, progress, reused)
 
@@ -137,6 +139,11 @@ def _run(config: DemoConfig, out: Path, progress: Progress) -> DemoResult:
     extra: dict[str, dict[str, object]] = {label: {"sparsity": measured.get(label, 0.0)} for label in models}
     for label, rep in depth.items():
         extra[label]["dropped"] = str(rep["dropped"])
+    for label, rep in quantized.items():
+        extra[label].update(sparsity=measured.get(rep["source"], 0.0), scheme="/".join(dict.fromkeys(rep["schemes"])),
+                            bits=round(rep["mean_bits"], 2))
+        if rep["source"] in depth:
+            extra[label]["dropped"] = str(depth[rep["source"]]["dropped"])
     if config.vllm_check:
         for label, path in models.items():
             extra[label]["vLLM dir"] = vllm_status(path)
@@ -144,12 +151,12 @@ def _run(config: DemoConfig, out: Path, progress: Progress) -> DemoResult:
     serve = serve_all(models, heldout[config.tasks[0].name], config, clock, progress) if config.vllm_serve else {}
     return DemoResult(config=config, out=out, hf_dir=hf_dir, n_layers=model.config.num_hidden_layers,
                       n_params=sum(p.numel() for p in model.parameters()), scores=scores, prune=reports,
-                      evals=evals, extra=extra, depth=depth, serve=serve, clock=clock)
+                      evals=evals, extra=extra, depth=depth, quantized=quantized, serve=serve, clock=clock)
 
 
 __all__ = [
     "ALLOCATIONS", "CONFIGS", "DEFAULT_ALLOCATIONS", "LIBRARY_LOG", "DemoConfig", "DemoResult", "DemoTask",
     "MetricView", "Progress", "StageClock", "config_for", "depth_label", "drop_all", "evaluate_all", "model_label",
-    "parse_sparsities", "prepare_out", "prune_all", "run_demo", "score_tasks", "serve_all", "smollm2_config", "steps",
-    "stories260k_config", "vllm_status", "write_heldout",
+    "parse_sparsities", "prepare_out", "prune_all", "quantize_all", "run_demo", "score_tasks", "serve_all",
+    "smollm2_config", "steps", "stories260k_config", "vllm_status", "write_heldout",
 ]

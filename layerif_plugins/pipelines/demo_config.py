@@ -79,6 +79,56 @@ class MetricView:
 
 
 @dataclass(frozen=True)
+class QuantizeSpec:
+    """One quantized model of the demo: ``WHAT[@SOURCE]``, e.g. ``W8A8``, ``W8A8@wanda50-uniform``, ``mixed-20``.
+
+    ``WHAT`` is one scheme for every decoder Linear (``W8A8``; on a GPU target also ``W4A16``,
+    ``W8A16``, ``FP8``) or ``mixed-BITS``: each decoder layer gets a scheme of the target's menu
+    (CPU: W8A8 or dense) at a parameter-weighted mean of BITS bits per weight, the layers ordered
+    by the scores task's scores (:func:`layerif_plugins.integrations.llmcompressor.quantize.quantize_model`).
+    ``SOURCE`` is the label of the model quantized: ``dense`` (the default), a pruned model's
+    (``wanda50-uniform``) or a depth-pruned one's (``drop4-angular``).
+
+    Attributes:
+        scheme: the one scheme (None for a mixed model).
+        budget_bits: the mixed model's mean bits per weight (None for one scheme).
+        source: the label of the model quantized.
+    """
+
+    scheme: str | None
+    budget_bits: float | None
+    source: str = "dense"
+
+    @classmethod
+    def parse(cls, text: str) -> QuantizeSpec:
+        """``"W8A8@wanda50-uniform"`` → ``QuantizeSpec("W8A8", None, "wanda50-uniform")``; bad text: ConfigError."""
+        from layerif_plugins.integrations.llmcompressor.schemes import PRESETS
+
+        what, _, source = text.strip().partition("@")
+        hint = "give SCHEME[@MODEL] or mixed-BITS[@MODEL], e.g. W8A8, W8A8@wanda50-uniform, mixed-20"
+        if source == "" and "@" in text or not what:
+            raise ConfigError(f"quantize {text!r}: {hint}")
+        if what.lower().startswith("mixed-"):
+            try:
+                bits = float(what[len("mixed-"):])
+            except ValueError:
+                raise ConfigError(f"quantize {text!r}: {what[len('mixed-'):]!r} is not a number of bits; "
+                                  f"{hint}") from None
+            if not 0 < bits:
+                raise ConfigError(f"quantize {text!r}: the mean bits per weight must be > 0")
+            return cls(None, bits, source or "dense")
+        if what not in PRESETS:
+            raise ConfigError(f"quantize {text!r}: unknown scheme {what!r} (choose from {', '.join(PRESETS)}); {hint}")
+        return cls(what, None, source or "dense")
+
+    @property
+    def label(self) -> str:
+        """The quantized model's directory / table name: ``w8a8``, ``wanda50-uniform-w8a8``, ``mixed20``."""
+        what = self.scheme.lower() if self.scheme else f"mixed{self.budget_bits:g}"
+        return what if self.source == "dense" else f"{self.source}-{what}"
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """Everything one demo run does; see :func:`stories260k_config` for the ``layerif demo`` values.
 
@@ -124,6 +174,11 @@ class DemoConfig:
         vllm_prompts: generation prompts (the first sentence of as many held-out documents).
         vllm_max_tokens: greedy tokens generated per prompt.
         vllm_kv_cache_gib: vLLM's KV cache (on CPU: GiB of RAM).
+        quantize: quantized models built after the pruned and dropped ones (llm-compressor ``oneshot`` on the
+            first ``n_calib`` calibration examples, saved compressed; :class:`QuantizeSpec` texts such as
+            ``W8A8``, ``W8A8@wanda50-uniform``, ``mixed-20``), evaluated and served beside the others.
+        quantize_target: where vLLM will serve them (``cpu``: W8A8 or dense; ``gpu``: also W4A16, W8A16, FP8);
+            a scheme that target cannot serve is refused before any work.
         log_dir: where library INFO logs and lm-eval's own progress bars go (None: the logging setup of
             the caller, lm-eval's bars on the terminal).
         resume: reuse what an earlier run into the same ``out`` already made with the same settings (the
@@ -164,6 +219,8 @@ class DemoConfig:
     vllm_prompts: int = 8
     vllm_max_tokens: int = 64
     vllm_kv_cache_gib: float = 1.0
+    quantize: tuple[str, ...] = ()
+    quantize_target: Literal["cpu", "gpu"] = "cpu"
     log_dir: Path | None = None
     resume: bool = True
     show_progress: bool = True
@@ -188,6 +245,38 @@ class DemoConfig:
         unknown = [m for m in self.depth_methods if m not in DROP_RULES]
         if unknown:
             raise ConfigError(f"depth methods {unknown}: choose from {', '.join(DROP_RULES)}")
+        self.quantize_specs  # noqa: B018  (parses and checks every quantize entry now)
+
+    @property
+    def quantize_specs(self) -> tuple[QuantizeSpec, ...]:
+        """The parsed :attr:`quantize` entries, checked: servable on the target, distinct, of models the run makes."""
+        from layerif_plugins.integrations.llmcompressor.quantize import check_device_target, check_servable, menu_for
+
+        specs = tuple(QuantizeSpec.parse(q) for q in self.quantize)
+        if specs:
+            check_device_target(self.quantize_target)
+        labels = [q.label for q in specs]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"quantize {list(self.quantize)}: the same model is named twice")
+        sources = {"dense", *self.model_labels}
+        for spec in specs:
+            if spec.scheme is not None:
+                check_servable([spec.scheme], self.quantize_target)
+            cheapest = menu_for(self.quantize_target, 32)[0]
+            if spec.budget_bits is not None and spec.budget_bits <= float(cheapest.bits):
+                raise ConfigError(f"quantize mixed-{spec.budget_bits:g}: at most the cheapest scheme of the "
+                                  f"{self.quantize_target} menu ({cheapest.name}, {float(cheapest.bits):g} bits) "
+                                  f"everywhere; use {cheapest.name} for that, or more bits for a mix")
+            if spec.source not in sources:
+                raise ConfigError(f"quantize {spec.source!r}: this run makes no model of that name; quantize one of "
+                                  f"{', '.join(sorted(sources))}")
+        return specs
+
+    @property
+    def model_labels(self) -> tuple[str, ...]:
+        """The pruned and depth-pruned models this run makes (``wanda50-uniform``, ``drop4-angular``), in order."""
+        pruned = () if self.skip_prune else tuple(model_label(s, a) for s in self.sparsities for a in self.allocations)
+        return (*pruned, *(depth_label(self.depth_k, m) for m in self.depth_methods))
 
     @property
     def scores_task(self) -> DemoTask:
@@ -204,6 +293,16 @@ class DemoConfig:
         return max(self.n_val, 64) if task.val is not None else 2 * (self.n_train + self.n_val)
 
 
+def model_label(sparsity: float, allocation: str) -> str:
+    """The directory / table name of one pruned model: ``wanda70-layerif``."""
+    return f"wanda{round(100 * sparsity)}-{allocation}"
+
+
+def depth_label(k: int, method: str) -> str:
+    """The directory / table name of one depth-pruned model: ``drop1-angular``."""
+    return f"drop{k}-{method}"
+
+
 def parse_sparsities(spec: str) -> tuple[float, ...]:
     """``"0.3,0.5,0.7"`` → ``(0.3, 0.5, 0.7)`` (sorted, distinct); a bad value raises :class:`ConfigError`."""
     try:
@@ -216,4 +315,5 @@ def parse_sparsities(spec: str) -> tuple[float, ...]:
 
 
 
-__all__ = ["DEFAULT_ALLOCATIONS", "DemoConfig", "DemoTask", "MetricView", "parse_sparsities"]
+__all__ = ["DEFAULT_ALLOCATIONS", "DemoConfig", "DemoTask", "MetricView", "QuantizeSpec", "depth_label", "model_label",
+           "parse_sparsities"]

@@ -158,7 +158,8 @@ def serve_all(models: dict[str, Path], heldout: Path, config: DemoConfig, clock:
         rows[label] = {"hf_token_perplexity": hf.perplexity, "vllm_token_perplexity": vllm_ppl,
                        "relative_difference": abs(vllm_ppl - hf.perplexity) / hf.perplexity,
                        "gen_tokens": res.gen_tokens, "gen_seconds": res.gen_seconds,
-                       "gen_tokens_per_s": res.gen_tokens_per_s, "layers": model.config.num_hidden_layers}
+                       "gen_tokens_per_s": res.gen_tokens_per_s, "layers": model.config.num_hidden_layers,
+                       "bytes_on_disk": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))}
         progress(clock.total, f"  {label}: HF ppl {hf.perplexity:.4f}, vLLM {vllm_ppl:.4f}, "
                               f"{res.gen_tokens_per_s:.0f} generated tokens/s")
     clock.done("HF perplexity (vLLM comparison)")

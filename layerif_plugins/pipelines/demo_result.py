@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerif_plugins.pipelines.demo_config import DemoConfig
+from layerif_plugins.pipelines.demo_config import DemoConfig, depth_label, model_label
 from layerif_plugins.scores import LayerScores
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class DemoResult:
         extra: per model label, the ``sparsity`` measured in the saved weights and the ``vLLM dir`` check
             (and ``dropped`` layers for a depth-pruned model).
         depth: per depth-pruned model label (``drop1-angular``): ``method``, ``dropped``, ``layers`` left.
+        quantized: per quantized model label (``w8a8``, ``mixed20``): ``quantize_model``'s report plus ``label``
+            and ``source`` (the model it quantized).
         serve: the vLLM section: ``models`` (per label: HF and vLLM perplexity, generation tokens/s),
             ``device``, ``versions``, or ``skipped`` with the reason.
         clock: stage timings (the report adds its own stage).
@@ -73,6 +75,7 @@ class DemoResult:
     evals: dict[str, Any]
     extra: dict[str, dict[str, object]]
     depth: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
     serve: dict[str, Any] = field(default_factory=dict)
     clock: StageClock = field(default_factory=StageClock)
 
@@ -85,24 +88,16 @@ class DemoResult:
         return out
 
 
-def model_label(sparsity: float, allocation: str) -> str:
-    """The directory / table name of one pruned model: ``wanda70-layerif``."""
-    return f"wanda{round(100 * sparsity)}-{allocation}"
-
-
-def depth_label(k: int, method: str) -> str:
-    """The directory / table name of one depth-pruned model: ``drop1-angular``."""
-    return f"drop{k}-{method}"
-
-
 def steps(config: DemoConfig) -> list[str]:
     """The pipeline's steps for ``config``, in order (what a run does, without running it)."""
     out = ["convert"]
     out += [f"score {config.method} on {t.name}" for t in config.tasks]
     pruned = [] if config.skip_prune else [model_label(s, a) for s in config.sparsities for a in config.allocations]
     dropped = [depth_label(config.depth_k, m) for m in config.depth_methods]
+    quantized = [q.label for q in config.quantize_specs]
     out += [f"prune {label}" for label in pruned] + [f"drop {label}" for label in dropped]
-    labels = ["dense", *pruned, *dropped]
+    out += [f"quantize {label}" for label in quantized]
+    labels = ["dense", *pruned, *dropped, *quantized]
     out += [f"evaluate {label}" for label in labels]
     if config.vllm_check:
         out += [f"vLLM dir check {label}" for label in labels]

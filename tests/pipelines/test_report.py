@@ -259,11 +259,93 @@ def test_smollm2_demo_is_a_configuration():
     cfg = config_for("smollm2-135m")
     assert cfg.model == "smollm2-135m" and [t.name for t in cfg.tasks] == ["wikitext2", "tinystories"]
     assert cfg.sparsities == (0.5, 0.6, 0.7) and cfg.depth_methods == ("angular", "layerif", "last")
-    assert cfg.vllm_serve and steps(cfg)[-1] == "vLLM serve drop4-last"
+    assert cfg.quantize == ("W8A8", "W8A8@wanda50-layerif", "mixed-20")
+    assert cfg.vllm_serve and steps(cfg)[-4:] == ["vLLM serve drop4-last", "vLLM serve w8a8",
+                                                  "vLLM serve wanda50-layerif-w8a8", "vLLM serve mixed20"]
     assert config_for(None).title == "stories260K" and not config_for(None).vllm_serve
     args = build_parser().parse_args(["demo", "--model", "smollm2-135m", "--n-train", "64", "--out", "o"])
     got = config_from_args(args)  # only what the command line gives overrides the model's configuration
     assert (got.n_train, got.n_val, got.sparsities, got.log_dir) == (64, cfg.n_val, cfg.sparsities, Path("o/logs"))
+
+
+def test_demo_quantize_entries_are_parsed_and_bad_ones_refused_before_any_work():
+    """`quantize` entries name a scheme (or a mixed budget) and a model the run makes; anything else is refused."""
+    from layerif_plugins.pipelines.demo import steps, stories260k_config
+    from layerif_plugins.pipelines.demo_config import QuantizeSpec
+
+    assert QuantizeSpec.parse("W8A8") == QuantizeSpec("W8A8", None, "dense")
+    assert QuantizeSpec.parse(" mixed-20@drop1-last ") == QuantizeSpec(None, 20.0, "drop1-last")
+    assert [QuantizeSpec.parse(t).label for t in ("W8A8", "W8A8@wanda50-uniform", "mixed-12.5")] == [
+        "w8a8", "wanda50-uniform-w8a8", "mixed12.5"]
+    cfg = stories260k_config(sparsities=(0.5,), allocations=("uniform",), depth_methods=("last",),
+                             quantize=("W8A8@wanda50-uniform", "mixed-20@drop1-last"), vllm_check=False)
+    assert steps(cfg)[3:] == ["prune wanda50-uniform", "drop drop1-last", "quantize wanda50-uniform-w8a8",
+                              "quantize drop1-last-mixed20", "evaluate dense", "evaluate wanda50-uniform",
+                              "evaluate drop1-last", "evaluate wanda50-uniform-w8a8", "evaluate drop1-last-mixed20"]
+    bad = {
+        ("W4A16",): "cannot be served by vLLM on cpu",
+        ("W3A3",): "unknown scheme 'W3A3'",
+        ("mixed-x",): "not a number of bits",
+        ("mixed-8",): "cheapest scheme of the cpu menu",
+        ("W8A8@",): "SCHEME",
+        ("W8A8@wanda90-uniform",): "this run makes no model of that name",
+        ("W8A8", "W8A8@dense"): "named twice",
+    }
+    for entries, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            stories260k_config(sparsities=(0.5,), quantize=entries)
+    with pytest.raises(ConfigError, match="device_target"):
+        stories260k_config(quantize=("W8A8",), quantize_target="tpu")
+    assert stories260k_config(quantize=("W4A16",), quantize_target="gpu").quantize_specs[0].scheme == "W4A16"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_quantizes_evaluates_and_reports_the_quantized_models(tmp_path: Path):
+    """W8A8 of the dense and of a pruned model, a mixed one ordered by the LayerIF scores: built with the real
+    ``oneshot``, saved compressed, evaluated, reported; a second run reuses them."""
+    import json
+
+    from layerif_plugins.allocate.precision import cpu_menu, precision_from_scores
+    from layerif_plugins.integrations.llmcompressor.quantize import layer_params
+    from layerif_plugins.models import load_model_and_tokenizer
+    from layerif_plugins.pipelines.demo import run_demo, stories260k_config
+    from layerif_plugins.pipelines.demo_report import write_report
+    from layerif_plugins.scores import LayerScores
+
+    cfg = stories260k_config(sparsities=(0.5,), allocations=("uniform",), quantize=("W8A8", "W8A8@wanda50-uniform",
+                             "mixed-20"), n_train=8, n_val=8, n_calib=8, n_eval_docs=4, n_mc=8, vllm_check=False,
+                             show_progress=False)
+    out = tmp_path / "demo"
+    result = run_demo(cfg, out)
+    assert list(result.evals) == ["dense", "wanda50-uniform", "w8a8", "wanda50-uniform-w8a8", "mixed20"]
+    dense_bytes = sum(f.stat().st_size for f in (out / "models" / "dense").glob("*.safetensors"))
+    for label in ("w8a8", "wanda50-uniform-w8a8", "mixed20"):
+        config = json.loads((out / "models" / label / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+        assert result.quantized[label]["bytes_on_disk"] < dense_bytes
+    assert set(result.quantized["w8a8"]["schemes"]) == {"W8A8"}
+    assert result.quantized["wanda50-uniform-w8a8"]["source"] == "wanda50-uniform"
+    assert result.extra["wanda50-uniform-w8a8"]["sparsity"] == result.extra["wanda50-uniform"]["sparsity"]
+    # the mixed model: each layer's scheme exactly as the allocation computes it from the TinyStories scores
+    model, _ = load_model_and_tokenizer(out / "models" / "dense")
+    expected = precision_from_scores(LayerScores.load(out / "scores_tinystories.json"), layer_params(model), 20.0,
+                                     cpu_menu(32))
+    assert result.quantized["mixed20"]["schemes"] == list(expected.schemes)
+    assert "dense" in expected.schemes and "W8A8" in expected.schemes
+    w8a8_ppl = result.evals["w8a8"].metric("tinystories", "word_perplexity")
+    assert w8a8_ppl != result.evals["dense"].metric("tinystories", "word_perplexity")
+    report = write_report(result).read_text()
+    assert "## Quantization (llm-compressor, saved compressed)" in report and f"{w8a8_ppl:.4g}" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantized"]["mixed20"]["schemes"] == list(expected.schemes)
+
+    said: list[str] = []
+    again = run_demo(cfg, out, progress=lambda _t, msg: said.append(msg))
+    assert {m for m in said if m.startswith("reusing") and "quantized" in m} == {
+        f"reusing {label} (quantized the same way by an earlier run)"
+        for label in ("w8a8", "wanda50-uniform-w8a8", "mixed20")}
+    assert again.evals["w8a8"].metric("tinystories", "word_perplexity") == w8a8_ppl
 
 
 @pytest.mark.vllm
