@@ -40,11 +40,17 @@ loop); the curve and AdaLoRA's schedule hook into it as HF Trainer callbacks.
 
 Usage: ``python benchmarks/quality_peft.py --model smollm2-135m`` (full: 300 steps × 3 seeds × 2
 tasks × 13 methods = 78 cells), ``--quick`` (stories260K, a smoke run of every method, ≈ 2.5 min on
-2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json``. Sizing: one SmolLM2
-training step (batch 4 × 64 tokens, q/v/down LoRA) measured 3.1 s of CPU time on the shared 2-core
-machine (``benchmarks/peft_cost.py``), so the full run is ≈ 78 × 300 × 3 s ≈ 20 h there — run it on
-a GPU (``--device auto`` picks CUDA), or split it with ``--tasks`` / ``--methods`` / ``--seeds``
-over several sessions: the JSONL resumes where any of them stopped.
+2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json``.
+
+Sizing, measured on the idle 2-core machine (``benchmarks/peft_cost.py``, batch 4 × 64 tokens, q/v/down
+LoRA r 8): one SmolLM2 step is 1.94 s wall (2.96 s CPU) with 2 threads, so a 300-step cell is ≈ 8–10
+minutes and the full grid ≈ 12 hours — the "about three hours" a session can spend holds ≈ 20 cells
+(one task × 7 methods × 3 seeds at ``--max-length 64``). Two processes of ``--threads 1`` each, given
+disjoint ``--methods``, train ≈ 1.3–1.5× more cells per hour than one of 2 threads (small GEMMs do not
+use 2 threads fully); they append to the same JSONL (one ``write`` per finished cell), and a last run
+with every method (all cells done) writes the joint report. Split the rest with ``--tasks`` /
+``--methods`` / ``--seeds`` over sessions: the JSONL resumes where any of them stopped; on a GPU
+(``--device auto`` picks CUDA) the whole grid fits one run.
 """
 
 from __future__ import annotations
