@@ -250,11 +250,13 @@ class DemoConfig:
     @property
     def quantize_specs(self) -> tuple[QuantizeSpec, ...]:
         """The parsed :attr:`quantize` entries, checked: servable on the target, distinct, of models the run makes."""
+        if not self.quantize:
+            return ()
         from layerif_plugins.integrations.llmcompressor.quantize import check_device_target, check_servable, menu_for
 
         specs = tuple(QuantizeSpec.parse(q) for q in self.quantize)
-        if specs:
-            check_device_target(self.quantize_target)
+        check_device_target(self.quantize_target)
+        cheapest = menu_for(self.quantize_target, 32)[0]
         labels = [q.label for q in specs]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"quantize {list(self.quantize)}: the same model is named twice")
@@ -262,7 +264,6 @@ class DemoConfig:
         for spec in specs:
             if spec.scheme is not None:
                 check_servable([spec.scheme], self.quantize_target)
-            cheapest = menu_for(self.quantize_target, 32)[0]
             if spec.budget_bits is not None and spec.budget_bits <= float(cheapest.bits):
                 raise ConfigError(f"quantize mixed-{spec.budget_bits:g}: at most the cheapest scheme of the "
                                   f"{self.quantize_target} menu ({cheapest.name}, {float(cheapest.bits):g} bits) "
