@@ -139,8 +139,7 @@ def _quantize_section(result: DemoResult) -> list[str]:
                                                                            for v in config.metrics)]
     rows = []
     for label, rep in result.quantized.items():
-        layers = ", ".join(f"{name} {len(rep['schemes']) - sum(s != name for s in rep['schemes'])}"
-                           for name in dict.fromkeys(rep["schemes"]))
+        layers = ", ".join(f"{name} {rep['schemes'].count(name)}" for name in dict.fromkeys(rep["schemes"]))
         rows.append([label, rep["source"], layers, f"{rep['mean_bits']:.2f}", f"{rep['bytes_on_disk'] / 2**20:.1f}",
                      *(result.evals[label].metric(v.task, v.metric) for v in config.metrics)])
     return [
@@ -168,8 +167,8 @@ def _vllm_section(result: DemoResult) -> list[str]:
     def mib(r: dict[str, Any]) -> str:  # an earlier run's summary may not have the bytes
         return f"{r['bytes_on_disk'] / 2**20:.1f}" if r.get("bytes_on_disk") is not None else "–"
 
-    schemes = {label: "/".join(dict.fromkeys(q["schemes"])) for label, q in result.quantized.items()}
-    table = [[label, schemes.get(label, "dense"), r["layers"], mib(r), f"{r['hf_token_perplexity']:.4f}",
+    scheme = {label: str(x.get("scheme", "dense")) for label, x in result.extra.items()}
+    table = [[label, scheme.get(label, "dense"), r["layers"], mib(r), f"{r['hf_token_perplexity']:.4f}",
               f"{r['vllm_token_perplexity']:.4f}", f"{r['relative_difference']:.1e}", f"{r['gen_tokens_per_s']:.0f}",
               f"{r['gen_tokens_per_s'] / dense:.2f}×" if dense else "–"] for label, r in rows.items()]
     w8a8 = ("" if not result.quantized else
