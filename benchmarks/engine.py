@@ -343,7 +343,8 @@ def main() -> None:
     p.add_argument("--lengths", default="128,256")
     p.add_argument("--m", type=int, default=None, help="validation examples (default n/4, at least 8)")
     p.add_argument("--modes", default="four-pass,one-pass")
-    p.add_argument("--max-factor-memory", default=None, help="one-pass budget (default: half the free memory)")
+    p.add_argument("--max-factor-memory", default=None,
+                   help="one-pass budget (default: the engine's, CPU: available memory less a reserve)")
     p.add_argument("--batch-size", type=batch_size_arg, default=8,
                    help="examples per batch, or auto (CUDA: the engine's choice from free memory, used by fwd+bwd "
                         "and every mode alike; CPU: 8)")

@@ -68,8 +68,8 @@ class InfluenceConfig:
                 "holds what fits in max_factor_memory, and batches not held cost two more model passes each. "
                 "All modes give the same scores (bit-identical where factors are held)"})
     max_factor_memory: int | str | None = field(default=None, metadata={
-        "help": "memory budget for the one-pass factors, bytes or e.g. 4GB / 512MiB (default: half the "
-                "free memory of the model's device)"})
+        "help": "memory budget for the one-pass factors, bytes or e.g. 4GB / 512MiB (default: on CPU the "
+                "available memory less max(2 GiB, a quarter of it); on CUDA half the device's free memory)"})
     stats_precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
         "help": "operands of the per-example statistics' products: fp32 (exact to float rounding); tf32 "
                 "(CUDA only: TF32 tensor-core matmuls, refused on CPU); bf16 (bf16 operands, every product's "

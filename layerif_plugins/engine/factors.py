@@ -15,9 +15,12 @@ scores on CPU.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +60,46 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+#: CPU: what the default one-pass budget leaves of the available memory to the passes' own working set
+#: (a batch's activations and output gradients, the statistics' temporaries) and to the rest of the machine
+CPU_RESERVE_FRACTION = 0.25
+CPU_RESERVE_MIN_BYTES = 2 * 2**30
+
+
+def release_freed_memory() -> bool:
+    """Hand memory this process has freed back to the OS (glibc ``malloc_trim(0)``); True when it ran.
+
+    Why: glibc keeps freed heap pages of earlier work (a model load, a plain training step) mapped, so
+    ``MemAvailable`` under-counts what the one-pass store could use. Linux with glibc only; elsewhere a
+    no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
+def default_factor_budget(free_bytes: int, device_type: str) -> int:
+    """The one-pass budget when ``max_factor_memory`` is not set, from the device's free memory.
+
+    CUDA: half of it (``auto_batch_size`` sizes the batches from what the store leaves). CPU: all but
+    ``max(CPU_RESERVE_MIN_BYTES, CPU_RESERVE_FRACTION · free)`` — host memory is where a CPU run keeps
+    everything, and on the 2-core benchmark machine half of it held 2.97 of the 10.6 GB that SmolLM2's
+    256 train examples need, so 86 model batches ran instead of 40 (benchmarks/README.md).
+    """
+    free = max(int(free_bytes), 0)
+    if device_type == "cuda":
+        return free // 2
+    return max(free - max(CPU_RESERVE_MIN_BYTES, int(CPU_RESERVE_FRACTION * free)), 0)
 
 
 @dataclass

@@ -52,7 +52,14 @@ from layerif_plugins.engine.autobatch import choose_batch_size
 from layerif_plugins.engine.capture import frozen_parameters
 from layerif_plugins.engine.checkpoint import PassCheckpoints
 from layerif_plugins.engine.config import InfluenceConfig, InfluenceResult, aggregate_positive
-from layerif_plugins.engine.factors import FactorStore, ModuleFactors, free_memory, parse_bytes
+from layerif_plugins.engine.factors import (
+    FactorStore,
+    ModuleFactors,
+    default_factor_budget,
+    free_memory,
+    parse_bytes,
+    release_freed_memory,
+)
 from layerif_plugins.engine.runner import PassCallback, PassRunner, PassSpec, weight_shape
 from layerif_plugins.engine.stats import Precision, as_dtype, per_example_grads
 from layerif_plugins.errors import ConfigError, DataError, NumericsError
@@ -96,13 +103,19 @@ def _run_fingerprint(model: nn.Module, train: Examples, val: Examples, config: I
 
 
 def factor_budget(config: InfluenceConfig, device: torch.device) -> int:
-    """Bytes the train factors may hold: 0 for four-pass, else ``max_factor_memory`` or half the free memory."""
+    """Bytes the train factors may hold: 0 for four-pass, else ``max_factor_memory`` or, unset, the default of
+    :func:`~layerif_plugins.engine.factors.default_factor_budget` (CPU: the available memory less a reserve,
+    after handing freed heap back to the OS; CUDA: half the free memory)."""
     if config.mode == "four-pass":
         return 0
     budget = parse_bytes(config.max_factor_memory)
     if budget is None:
-        budget = free_memory(device) // 2
-        logger.info("max_factor_memory not set: using half the free memory of %s, %.2f GiB", device, budget / 2**30)
+        if device.type == "cpu":
+            release_freed_memory()
+        free = free_memory(device)
+        budget = default_factor_budget(free, device.type)
+        logger.info("max_factor_memory not set: %.2f GiB of the %.2f GiB free on %s", budget / 2**30, free / 2**30,
+                    device)
     return budget
 
 

@@ -10,7 +10,14 @@ import torch
 
 from layerif_plugins.data import Examples, load_examples
 from layerif_plugins.engine import InfluenceConfig, compute_influence, reference_influence
-from layerif_plugins.engine.factors import parse_bytes
+from layerif_plugins.engine.factors import (
+    CPU_RESERVE_MIN_BYTES,
+    default_factor_budget,
+    free_memory,
+    parse_bytes,
+    release_freed_memory,
+)
+from layerif_plugins.engine.passes import factor_budget
 from layerif_plugins.errors import ConfigError
 
 
@@ -110,3 +117,26 @@ def test_parse_bytes_and_bad_mode(stories, task):
     train, val = task
     with pytest.raises(ConfigError, match="mode must be"):
         compute_influence(model, train, val, 0, _cfg(mode="two-pass"))  # type: ignore[arg-type]
+
+
+def test_default_budget_cpu_keeps_a_reserve_cuda_half():
+    gib = 2**30
+    # CPU: the available memory less max(2 GiB, a quarter); the 2-core machine's case: 19.2 GiB free → 14.4 GiB,
+    # enough for the 10.6 GB of factors of SmolLM2's 256 train examples (half, 9.6 GiB, was not)
+    assert default_factor_budget(int(19.2 * gib), "cpu") == int(19.2 * gib) - int(0.25 * int(19.2 * gib))
+    assert default_factor_budget(6 * gib, "cpu") == 4 * gib  # the 2 GiB floor of the reserve
+    assert default_factor_budget(CPU_RESERVE_MIN_BYTES, "cpu") == 0
+    assert default_factor_budget(gib, "cpu") == 0  # less free memory than the reserve: hold nothing (four-pass)
+    assert default_factor_budget(-5, "cpu") == 0
+    assert default_factor_budget(100 * gib, "cuda") == 50 * gib
+
+
+def test_factor_budget_reads_the_option_or_the_free_memory():
+    cpu = torch.device("cpu")
+    assert factor_budget(_cfg(mode="four-pass", max_factor_memory="1GB"), cpu) == 0
+    assert factor_budget(_cfg(mode="one-pass", max_factor_memory="512MiB"), cpu) == 512 * 2**20
+    assert release_freed_memory() in (True, False)  # glibc: trims; elsewhere a no-op
+    free = free_memory(cpu)
+    got = factor_budget(_cfg(mode="auto"), cpu)
+    # the free memory moves between the two reads; the rule holds within that drift
+    assert abs(got - default_factor_budget(free, "cpu")) <= max(64 * 2**20, free // 20)
