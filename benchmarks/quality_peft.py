@@ -16,7 +16,8 @@ for every method; only where the capacity sits differs:
 * ``lora-<scores>``     — stock ``LoraConfig`` with a per-layer ``rank_pattern`` / ``alpha_pattern``
   from :func:`layerif_plugins.integrations.peft_lora.lora_layout_config` at exactly ``lora``'s
   parameter count: ``layerif`` (scores of the model on the task's own train → validation
-  split), ``alpha_hill`` (AlphaPruning / AlphaLoRA's Hill α), ``depth_ramp`` (score = layer index);
+  split), ``layerif-inv`` (the same scores, ``invert=True``: more rank to the better-trained
+  layers), ``alpha_hill`` (AlphaPruning / AlphaLoRA's Hill α), ``depth_ramp`` (score = layer index);
 * ``moe-<layout>``      — the LoRA-MoE tuner (:mod:`layerif_plugins.integrations.peft_moe`) with
   ``T = L · r / expert_r`` experts of rank ``expert_r`` (expert parameters = ``lora``'s; the routers
   add ``n · d_in`` per routed module — reported): ``uniform``, ``mola-2468``, ``alphalora``,
@@ -101,7 +102,8 @@ METHODS = ("lora", "eva", "adalora", "lora-layerif", "lora-layerif@other", "lora
 SIZE_KEYS = ("r", "lora_alpha", "expert_r", "spread", "targets", "steps", "eval_every", "batch_size", "lr",
              "max_length", "n_train", "n_test", "n_score_train", "n_score_val", "eva_batches")
 #: the scores each scored method reads (LoRA rank patterns and MoE layouts)
-SCORER_OF = {"layerif": "layerif", "alpha_hill": "alpha_hill", "depth_ramp": "depth_ramp", "alphalora": "alpha_hill"}
+SCORER_OF = {"layerif": "layerif", "layerif-inv": "layerif", "alpha_hill": "alpha_hill", "depth_ramp": "depth_ramp",
+             "alphalora": "alpha_hill"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,11 +167,11 @@ def method_parts(name: str) -> tuple[str, str, bool]:
     if family in ("lora", "eva", "adalora") and not layout:
         return family, "uniform", bool(other)
     kind = layout_beta(layout, 2.5)[0] if family == "moe" else layout
-    known = {"lora": ("layerif", "alpha_hill", "depth_ramp"),
+    known = {"lora": ("layerif", "layerif-inv", "alpha_hill", "depth_ramp"),
              "moe": ("uniform", "layerif", "alphalora", "mola-2468", "mola-8642", "mola-2882", "mola-8228")}
     if family not in known or kind not in known[family]:
         raise SystemExit(f"unknown method {name!r}; e.g. {', '.join(METHODS)}")
-    if other and kind != "layerif":
+    if other and SCORER_OF.get(kind) != "layerif":
         raise SystemExit(f"method {name!r}: '@other' needs LayerIF scores (lora-layerif@other, moe-layerif:β@other)")
     return family, layout, bool(other)
 
@@ -272,7 +274,7 @@ def build(name: str, base: Any, scores: dict[str, LayerScores], other: dict[str,
     elif family == "lora":
         source = (other if use_other else scores)[SCORER_OF[layout]]
         built = lora_layout_config(model, source, r=args.r, lora_alpha=args.lora_alpha, target_modules=targets,
-                                   spread=args.spread)
+                                   spread=args.spread, invert=layout.endswith("-inv"))
         pm = get_peft_model(model, built.config)
         info["pattern_ranks"] = built.ranks.ranks  # rank of every module of the layer
     elif family == "eva":

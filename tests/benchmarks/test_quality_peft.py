@@ -19,6 +19,8 @@ def test_method_names(qp):
     assert qp.method_parts("eva") == ("eva", "uniform", False)
     assert qp.method_parts("lora-alpha_hill") == ("lora", "alpha_hill", False)
     assert qp.method_parts("moe-layerif:2.5@other") == ("moe", "layerif:2.5", True)
+    assert qp.method_parts("lora-layerif-inv@other") == ("lora", "layerif-inv", True)  # the same scores, inverted
+    assert qp.SCORER_OF["layerif-inv"] == "layerif"
     for name in qp.METHODS:
         qp.method_parts(name)
     for bad in ("lora-owl", "moe-layerif@mine", "lora-depth_ramp@other", "dora"):
