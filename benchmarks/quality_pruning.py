@@ -96,9 +96,10 @@ TASKS = ("wikitext2", "tinystories")
 EVAL_NAMES = {"wikitext2": "WikiText-2 test", "tinystories": "TinyStories valid"}
 SPLIT_SEED = 1234
 #: row fields that must match for a JSONL row to count as done (the run's sizes)
-SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens", "batch_size")
+SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens", "batch_size",
+             "confirm_examples")
 #: value of a size key in rows written before the key existed
-SIZE_DEFAULTS = {"batch_size": 1}
+SIZE_DEFAULTS = {"batch_size": 1, "confirm_examples": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sensitivity-levels", type=int, default=3, help="planner cells: levels each side of the target")
     p.add_argument("--sensitivity-examples", type=int, default=16,
                    help="planner cells: examples of the sensitivity table (after the held-out ones: disjoint)")
+    p.add_argument("--confirm-examples", type=int, default=0,
+                   help="planner cells: the last N held-out examples judge only auto's final choice (raise "
+                        "--n-holdout by as many to keep the search's own)")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples")
     p.add_argument("--max-length", type=int, default=16, help="tokens per calibration example")
     p.add_argument("--batch-size", type=int, default=16,
@@ -404,10 +408,12 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
                         max_length=args.max_length, batch_size=args.batch_size, n_holdout=args.n_holdout,
                         holdout_length=args.planner_holdout_length, budget_prunes=args.budget_prunes,
                         sensitivity_levels=args.sensitivity_levels,
-                        sensitivity_examples=args.sensitivity_examples, overwrite=True, show_progress=False)
+                        sensitivity_examples=args.sensitivity_examples, confirm_examples=args.confirm_examples,
+                        overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
+    confirm = f"_confirm{args.confirm_examples}" if args.confirm_examples else ""
     shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
-                f"{cell['sparsity']}_{cell['seed']}.json")
+                f"{cell['sparsity']}_{cell['seed']}{confirm}.json")
     rows = []
     for column, (path, cand) in column_plans(plan_path, work).items():
         pruned = work / "pruned"

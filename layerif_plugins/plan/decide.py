@@ -64,16 +64,19 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     return Paired(mean=mean, se=math.sqrt(var / n), n=n)
 
 
-def choose_simplest(names: Sequence[str], per_example: Sequence[Sequence[float]], sigmas: float = 2.0
-                    ) -> tuple[int, list[str]]:
+def choose_simplest(names: Sequence[str], per_example: Sequence[Sequence[float]], sigmas: float = 2.0,
+                    pick: Sequence[Sequence[float]] | None = None) -> tuple[int, list[str]]:
     """Index of the kept candidate and the reasons, one line per step (see the module docstring).
 
     ``names`` and ``per_example`` are in order of simplicity (uniform first). Step 1: the
     incumbent is the first; the *second* (ATP in ``auto``) replaces it if it beats it by
     more than ``sigmas`` standard errors. Step 2: among the rest, the one with the lowest
-    mean replaces the incumbent under the same rule.
+    mean replaces the incumbent under the same rule. ``pick`` (one list per candidate, other
+    examples) chooses that challenger instead of ``per_example``: with a confirmation slice the
+    challenger is the search's best, and the slice only judges it (choosing it there too would
+    bring back the winner's curse the slice is for).
     """
-    if not names or len(names) != len(per_example):
+    if not names or len(names) != len(per_example) or (pick is not None and len(pick) != len(names)):
         raise AllocationError("choose_simplest needs one per-example loss list per candidate")
     if not (isinstance(sigmas, int | float) and math.isfinite(sigmas) and sigmas >= 0):
         raise AllocationError(f"sigmas must be a finite number >= 0, got {sigmas!r}")
@@ -95,7 +98,8 @@ def choose_simplest(names: Sequence[str], per_example: Sequence[Sequence[float]]
         challenge(1)
     rest = list(range(2, len(names)))
     if rest:
-        means = {i: sum(per_example[i]) / len(per_example[i]) for i in rest}
+        chooser = per_example if pick is None else pick
+        means = {i: sum(chooser[i]) / len(chooser[i]) for i in rest}
         challenge(min(rest, key=lambda i: (means[i], i)))
     return best, why
 

@@ -67,6 +67,7 @@ CHECKS: dict[str, Any] = {
     "sensitivity_levels": lambda v: _positive_int("sensitivity_levels", v, allow_none=False),
     "sensitivity_examples": lambda v: _positive_int("sensitivity_examples", v, allow_none=False),
     "max_moves": lambda v: _nonneg_int("max_moves", v),
+    "confirm_examples": lambda v: _nonneg_int("confirm_examples", v),
 }
 
 
@@ -112,6 +113,10 @@ class AllocationOptions:
         sensitivity_examples: sensitivity: examples for the per-layer table, never those that judge the candidates
             (``prune_model``: the ones after the held-out set in the same file; else the first calibration examples).
         max_moves: sensitivity: local-search moves after the knapsack (each a pruning pass).
+        confirm_examples: auto: the last this-many held-out examples judge only the final decision (uniform, the best
+            ATP, the best of the rest), never the search that chose those finalists, so a margin won by picking the
+            best of many candidates on the same examples does not decide; 0 = one held-out set for both. Costs no
+            pruning pass (each candidate is measured on every held-out example once).
     """
 
     allocation: str = "layerif"
@@ -126,6 +131,7 @@ class AllocationOptions:
     sensitivity_levels: int = 3
     sensitivity_examples: int = 16
     max_moves: int = 8
+    confirm_examples: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -134,6 +140,9 @@ class AllocationOptions:
             # spreads belong to score mappings; ATP's knob is beta (uniform ignores a spread, as it always did)
             raise ConfigError(f"epsilon is the spread of a score mapping; allocation {self.allocation!r} has none "
                               "(ATP's knob is beta): leave epsilon out")
+        if self.confirm_examples and self.allocation != "auto":
+            raise ConfigError(f"confirm_examples judges the final choice of allocation 'auto'; allocation "
+                              f"{self.allocation!r} keeps its lowest held-out candidate: leave confirm_examples at 0")
 
     @property
     def searched(self) -> bool:

@@ -15,6 +15,12 @@ and the providers (:mod:`.providers`). What it does:
    (uniform comes first, so it keeps every tie); ``auto`` — :func:`~.decide.choose_simplest`
    on uniform, the best ATP and the best of every other provider (two paired standard
    errors by default).
+
+**Confirmation slice** (``confirm_examples``): the evaluator measures every held-out example; the
+last ``confirm_examples`` of them are kept out of everything the search sees (each candidate's
+loss, the providers' choices, the sensitivity moves) and judge only ``auto``'s final rule. Why: the
+finalists are each the best of several candidates on the search's examples, so their margin there
+is biased upwards (measured on SmolLM2 Wanda 60 %: 21 % held-out gain over ATP, 3.6 % on test).
 """
 
 from __future__ import annotations
@@ -47,6 +53,18 @@ class Evaluation:
     sums: list[float]
     counts: list[int]
     seconds: float = 0.0
+
+    def split(self, confirm: int) -> tuple[Evaluation, Evaluation | None]:
+        """``(search part, confirmation part)``: the last ``confirm`` examples apart (None when 0)."""
+        if confirm == 0:
+            return self, None
+        cut = len(self.sums) - confirm
+        if cut < 2:
+            raise AllocationError(f"confirm_examples={confirm} leaves {max(cut, 0)} of the {len(self.sums)} held-out "
+                                  "examples to the search (at least 2 are needed): hold out more examples "
+                                  "(n_holdout) or lower confirm_examples")
+        return (Evaluation(self.sums[:cut], self.counts[:cut], self.seconds),
+                Evaluation(self.sums[cut:], self.counts[cut:], 0.0))
 
 
 Evaluator = Callable[[list[float]], Evaluation]
@@ -83,6 +101,8 @@ class Candidate:
     perplexity: float | None = None
     example_losses: list[float] | None = None
     vs_uniform: dict[str, float] | None = None  # paired mean difference and its standard error
+    confirm_loss: float | None = None  # on the confirmation slice (``confirm_examples``), when there is one
+    confirm_example_losses: list[float] | None = None
     seconds: float = 0.0
     same_as: int | None = None
     error: str | None = None
@@ -160,12 +180,15 @@ def plan_allocation(
     journal: Journal | None = None,
     show_progress: bool = False,
     on_candidate: Callable[[Candidate], None] | None = None,
+    confirm_examples: int = 0,
 ) -> SearchResult:
     """Try the providers' candidates within ``budget`` and choose one (see the module docstring)."""
     if not providers:
         raise ConfigError("plan_allocation needs at least one provider")
     if decision not in ("lowest", "auto"):
         raise ConfigError(f"decision must be 'lowest' or 'auto', got {decision!r}")
+    if isinstance(confirm_examples, bool) or not isinstance(confirm_examples, int) or confirm_examples < 0:
+        raise ConfigError(f"confirm_examples must be an integer >= 0, got {confirm_examples!r}")
     budget = budget or Budget()
     need = min_prunes(decision, providers)
     if budget.prunes is not None and budget.prunes < need:
@@ -198,6 +221,7 @@ def plan_allocation(
                 src = cands[twin]
                 cand.status, cand.same_as = "duplicate", twin
                 cand.loss, cand.perplexity, cand.example_losses = src.loss, src.perplexity, src.example_losses
+                cand.confirm_loss, cand.confirm_example_losses = src.confirm_loss, src.confirm_example_losses
             else:
                 ev = journal.get(prop.layer_sparsity)
                 if ev is not None:
@@ -213,10 +237,14 @@ def plan_allocation(
                     passes += 1
                     bar.update(1)
                 if ev is not None:
+                    ev, held_back = ev.split(confirm_examples)
                     cand.loss = token_mean(ev.sums, ev.counts)
                     cand.perplexity = math.exp(cand.loss)
                     cand.example_losses = example_losses(ev.sums, ev.counts)
                     cand.seconds = ev.seconds
+                    if held_back is not None:
+                        cand.confirm_loss = token_mean(held_back.sums, held_back.counts)
+                        cand.confirm_example_losses = example_losses(held_back.sums, held_back.counts)
         tried = Tried(prop.provider, dict(prop.knobs), prop.layer_sparsity, cand.loss)
         mine[prop.provider].append(tried)
         everything.append(tried)
@@ -245,7 +273,7 @@ def plan_allocation(
         raise AllocationError("no candidate of the plan could be evaluated: " + "; ".join(
             f"{c.provider} {c.knobs}: {c.error or c.status}" for c in cands))
     _paired_vs_uniform(cands)
-    chosen, why, rule = _decide(cands, providers, decision, sigmas)
+    chosen, why, rule = _decide(cands, providers, decision, sigmas, confirm_examples)
     cost = {"seconds": time.perf_counter() - t0, "prunes": passes, "resumed": resumed,
             "evaluated_seconds": sum(c.seconds for c in cands if c.status in ("evaluated", "resumed")),
             "budget": budget.to_dict(), "budget_exhausted": exhausted}
@@ -269,8 +297,8 @@ def _label(c: Candidate) -> str:
     return f"{c.provider}({knobs})"
 
 
-def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Decision, sigmas: float
-            ) -> tuple[int, list[str], str]:
+def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Decision, sigmas: float,
+            confirm_examples: int = 0) -> tuple[int, list[str], str]:
     ok = [i for i, c in enumerate(cands) if c.ok]
     if decision == "lowest":
         best = ok[0]
@@ -290,9 +318,17 @@ def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Dec
     order = sorted(finalists, key=lambda n: rank.get(n, (9, 0)))
     idx = [finalists[n] for n in order]
     labels = [_label(cands[i]) for i in idx]
-    k, why = choose_simplest(labels, [cands[i].example_losses for i in idx], sigmas)  # type: ignore[misc]
-    return idx[k], why, (f"keep the simpler candidate (uniform, then ATP, then the others) unless another beats it "
-                         f"by more than {sigmas:g} paired standard errors of the per-example held-out loss")
+    rule = (f"keep the simpler candidate (uniform, then ATP, then the others) unless another beats it "
+            f"by more than {sigmas:g} paired standard errors of the per-example held-out loss")
+    search_losses = [cands[i].example_losses for i in idx]
+    if not confirm_examples:
+        k, why = choose_simplest(labels, search_losses, sigmas)  # type: ignore[arg-type]
+        return idx[k], why, rule
+    # the finalists and the challenger come from the search's examples; the slice it never saw judges them
+    k, why = choose_simplest(labels, [cands[i].confirm_example_losses for i in idx], sigmas,  # type: ignore[misc]
+                             pick=search_losses)  # type: ignore[arg-type]
+    return idx[k], [f"judged on the {confirm_examples} confirmation examples (the search never saw them)", *why], \
+        rule + f", judged on the last {confirm_examples} held-out examples, which the search did not see"
 
 
 __all__ = ["Budget", "Candidate", "Decision", "Evaluation", "Evaluator", "Journal", "SearchResult", "min_prunes",

@@ -186,6 +186,53 @@ def test_planner_resumes_from_its_journal(tmp_path):
     assert other.cost["resumed"] == 0  # a journal of another search is never reused
 
 
+def test_confirmation_slice_judges_only_the_final_choice():
+    """The last ``confirm_examples`` held-out examples never enter the search; auto's rule is judged on them.
+
+    A made-up host: 8 search examples where ATP is clearly best, 6 confirmation examples where it is no
+    better than uniform (the search's margin was luck). Without the slice auto keeps ATP; with it, the
+    search picks the same finalists (its losses are those of the first 8 examples alone) but keeps uniform.
+    """
+    params, target = [1.0] * 5, 0.5
+    search_atp, confirm_atp = [5.0] * 8, [6.0, 6.2, 5.8, 6.1, 5.9, 6.0]
+    search_uni, confirm_uni = [5.5, 5.6, 5.4, 5.5, 5.6, 5.4, 5.5, 5.5], [6.0, 6.1, 5.9, 6.0, 6.0, 6.0]
+
+    def evaluate(ls):
+        atp = max(ls) - min(ls) > 1e-9
+        sums = (search_atp + confirm_atp) if atp else (search_uni + confirm_uni)
+        return Evaluation([x * 10 for x in sums], [10] * len(sums), 0.0)
+
+    providers = [Uniform(5, target), ATP(params, target)]
+    plain = plan_allocation(providers, evaluate, decision="auto")
+    assert plain.winner.provider == "atp" and len(plain.winner.example_losses) == 14
+    held = plan_allocation(providers, evaluate, decision="auto", confirm_examples=6)
+    uni = held.candidates[0]
+    assert uni.example_losses == pytest.approx(search_uni) and uni.confirm_example_losses == pytest.approx(confirm_uni)
+    assert uni.loss == pytest.approx(sum(search_uni) / 8) and uni.confirm_loss == pytest.approx(sum(confirm_uni) / 6)
+    assert held.winner.provider == "uniform"
+    assert "confirmation examples" in held.decision["why"][0] and "did not see" in held.decision["rule"]
+    # ATP's β is still chosen on the search's examples only: every ATP candidate ties there and the first is kept
+    assert [c.knobs for c in held.candidates if c.provider == "atp"] == [c.knobs for c in plain.candidates
+                                                                        if c.provider == "atp"]
+    with pytest.raises(AllocationError, match="leaves 1 of the 14 held-out examples"):
+        plan_allocation(providers, evaluate, decision="auto", confirm_examples=13)
+    with pytest.raises(ConfigError, match="confirm_examples must be an integer >= 0"):
+        plan_allocation(providers, evaluate, decision="auto", confirm_examples=-1)
+    with pytest.raises(ConfigError, match="final choice of allocation 'auto'"):
+        AllocationOptions(allocation="sensitivity", confirm_examples=4)
+    assert AllocationOptions(allocation="auto", confirm_examples=4).confirm_examples == 4
+
+
+def test_challenger_is_picked_on_the_search_lists():
+    base = [2.0, 2.5, 3.0, 2.2]
+    good, lucky = [x - 0.5 for x in base], [x - 0.1 for x in base]
+    # judged lists: 'lucky' looks best; picked on the search lists: 'good' is the challenger
+    k, why = choose_simplest(["uniform", "atp", "good", "lucky"], [base, base, [x - 0.3 for x in base],
+                                                                   [x - 0.6 for x in base]],
+                             pick=[base, base, good, lucky])
+    assert k == 2 and "good beats uniform" in why[-1]
+
+
 # ----------------------------------------------------------------------------- options and the plan file
 
 

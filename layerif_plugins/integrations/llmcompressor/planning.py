@@ -345,6 +345,11 @@ def make_plan(
         raise ConfigError(f"allocation {options.allocation!r}{' with epsilon auto' if options.epsilon == AUTO else ''} "
                           "judges candidates on held-out calibration data, but none was given: pass calibration "
                           "data (dataset=… / --calib)")
+    left = len(held) - options.confirm_examples
+    if options.confirm_examples and left < 2:
+        raise ConfigError(f"confirm_examples={options.confirm_examples} leaves {max(left, 0)} of the {len(held)} "
+                          "held-out examples to judge the search (at least 2): hold out more (n_holdout / holdout) "
+                          "or lower confirm_examples")
     t0 = time.perf_counter()
     extras: dict[str, Any] = {}
 
@@ -366,7 +371,8 @@ def make_plan(
                f"|{fields}")
     journal = Journal(journal_path, context)
     result = plan_allocation(providers, evaluate, budget=Budget(options.budget_prunes, options.budget_seconds),
-                             decision=decision, sigmas=options.sigmas, journal=journal, show_progress=show_progress)
+                             decision=decision, sigmas=options.sigmas, journal=journal, show_progress=show_progress,
+                             confirm_examples=options.confirm_examples)
     data.setdefault("holdout", held.fingerprint())
     data.setdefault("pruning_batches", len(prune_batches))
     plan = plan_from_search(result, options=options, model=model, algorithm=algorithm, target=target, params=params,

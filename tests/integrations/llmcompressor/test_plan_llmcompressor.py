@@ -177,6 +177,28 @@ def test_budget_too_small_is_refused_before_any_work(stories_dir, tinystories_tr
     assert not (tmp_path / "p.json").exists()
 
 
+def test_confirmation_examples_are_the_last_held_out_ones_and_judge_only_the_decision(stories_dir, tinystories_train,
+                                                                                      tmp_path):
+    """``confirm_examples``: the same prunes, the last k held-out examples moved from the search to the decision."""
+    common = dict(sparsity=0.5, allocation="auto", budget_prunes=3, calib=tinystories_train, n_calib=N_CALIB,
+                  n_holdout=6, max_length=MAX_LEN, show_progress=False)
+    with pytest.raises(ConfigError, match="leaves 1 of the 6 held-out examples"):
+        plan_pruning(stories_dir, tmp_path / "bad.json", confirm_examples=5, **common)
+    assert not (tmp_path / "bad.json").exists()
+    whole = plan_pruning(stories_dir, tmp_path / "whole.json", **common)
+    split = plan_pruning(stories_dir, tmp_path / "split.json", confirm_examples=2, **common)
+    assert [c["layer_sparsity"] for c in split.candidates] == [c["layer_sparsity"] for c in whole.candidates]
+    for a, b in zip(whole.candidates, split.candidates, strict=True):
+        if b["status"] != "evaluated":
+            continue
+        assert len(b["example_losses"]) == 4 and len(b["confirm_example_losses"]) == 2
+        assert b["example_losses"] + b["confirm_example_losses"] == pytest.approx(a["example_losses"], rel=1e-12)
+        assert a["confirm_loss"] is None
+    assert split.options["confirm_examples"] == 2
+    assert "2 confirmation examples" in split.decision["why"][0]
+    assert "did not see" in split.decision["rule"] and "did not see" not in whole.decision["rule"]
+
+
 @pytest.mark.slow
 def test_cli_plan_then_prune_with_the_plan(stories_dir, tinystories_train, tmp_path, capsys):
     from layerif_plugins.cli import main
