@@ -97,9 +97,10 @@ EVAL_NAMES = {"wikitext2": "WikiText-2 test", "tinystories": "TinyStories valid"
 SPLIT_SEED = 1234
 #: row fields that must match for a JSONL row to count as done (the run's sizes)
 SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens", "batch_size",
-             "confirm_examples")
+             "confirm_examples", "planner_allocation", "sensitivity_around", "max_moves")
 #: value of a size key in rows written before the key existed
-SIZE_DEFAULTS = {"batch_size": 1, "confirm_examples": 0}
+SIZE_DEFAULTS = {"batch_size": 1, "confirm_examples": 0, "planner_allocation": "auto", "sensitivity_around": "dense",
+                 "max_moves": 8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sensitivity-levels", type=int, default=3, help="planner cells: levels each side of the target")
     p.add_argument("--sensitivity-examples", type=int, default=16,
                    help="planner cells: examples of the sensitivity table (after the held-out ones: disjoint)")
+    p.add_argument("--planner-allocation", choices=("auto", "sensitivity"), default="auto",
+                   help="planner cells: every provider and the auto rule, or uniform + sensitivity alone (lowest)")
+    p.add_argument("--sensitivity-around", choices=("dense", "uniform"), default="dense",
+                   help="planner cells: measure the sensitivity table with the other layers dense or at the target")
+    p.add_argument("--max-moves", type=int, default=8, help="planner cells: sensitivity's local-search moves")
     p.add_argument("--confirm-examples", type=int, default=0,
                    help="planner cells: the last N held-out examples judge only auto's final choice (raise "
                         "--n-holdout by as many to keep the search's own)")
@@ -403,17 +409,21 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
 
     plan_path = work / "plan.json"
     t0 = time.perf_counter()
+    auto = args.planner_allocation == "auto"
     plan = plan_pruning(model_dir, plan_path, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
-                        allocation="auto", scores=scores["layerif_attn"], calib=calib, n_calib=args.n_calib,
+                        allocation=args.planner_allocation, scores=scores["layerif_attn"] if auto else None,
+                        sensitivity_around=args.sensitivity_around, max_moves=args.max_moves, calib=calib,
+                        n_calib=args.n_calib,
                         max_length=args.max_length, batch_size=args.batch_size, n_holdout=args.n_holdout,
                         holdout_length=args.planner_holdout_length, budget_prunes=args.budget_prunes,
                         sensitivity_levels=args.sensitivity_levels,
                         sensitivity_examples=args.sensitivity_examples, confirm_examples=args.confirm_examples,
                         overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
-    confirm = f"_confirm{args.confirm_examples}" if args.confirm_examples else ""
+    variant = "".join(f"_{k}-{getattr(args, k)}" for k in ("planner_allocation", "sensitivity_around", "max_moves",
+                                                            "confirm_examples") if getattr(args, k) != SIZE_DEFAULTS[k])
     shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
-                f"{cell['sparsity']}_{cell['seed']}{confirm}.json")
+                f"{cell['sparsity']}_{cell['seed']}{variant}.json")
     rows = []
     for column, (path, cand) in column_plans(plan_path, work).items():
         pruned = work / "pruned"

@@ -68,7 +68,14 @@ CHECKS: dict[str, Any] = {
     "sensitivity_examples": lambda v: _positive_int("sensitivity_examples", v, allow_none=False),
     "max_moves": lambda v: _nonneg_int("max_moves", v),
     "confirm_examples": lambda v: _nonneg_int("confirm_examples", v),
+    "sensitivity_around": lambda v: _one_of("sensitivity_around", v, ("dense", "uniform")),
 }
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)
 
 
 def _choice(value: Any) -> str:
@@ -113,6 +120,9 @@ class AllocationOptions:
         sensitivity_examples: sensitivity: examples for the per-layer table, never those that judge the candidates
             (``prune_model``: the ones after the held-out set in the same file; else the first calibration examples).
         max_moves: sensitivity: local-search moves after the knapsack (each a pruning pass).
+        sensitivity_around: sensitivity: measure the table with every other layer dense (``dense``) or pruned at the
+            target (``uniform``: the operating point, where the layers' costs interact; one more forward over the
+            calibration data per layer).
         confirm_examples: auto: the last this-many held-out examples judge only the final decision (uniform, the best
             ATP, the best of the rest), never the search that chose those finalists, so a margin won by picking the
             best of many candidates on the same examples does not decide; 0 = one held-out set for both. Costs no
@@ -131,6 +141,7 @@ class AllocationOptions:
     sensitivity_levels: int = 3
     sensitivity_examples: int = 16
     max_moves: int = 8
+    sensitivity_around: str = "dense"
     confirm_examples: int = 0
 
     def __post_init__(self) -> None:

@@ -283,6 +283,7 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
     sensitivity_levels: int = 3
     sensitivity_examples: int = 16
     max_moves: int = 8
+    sensitivity_around: Literal["dense", "uniform"] = "dense"
     confirm_examples: int = 0
     holdout: int | float = 0.125
 

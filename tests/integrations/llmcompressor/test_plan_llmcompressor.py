@@ -68,6 +68,50 @@ def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(storie
         assert loss - table.base_loss == pytest.approx(table.costs[layer][k], abs=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["wanda", "sparsegpt"])
+def test_sensitivity_around_uniform_is_measured_at_the_stock_uniform_prune(stories_dir, tinystories_train,
+                                                                           tinystories_valid, algorithm, monkeypatch):
+    """``around="uniform"``: the sequential prune equals the stock uniform prune; the last layer's entries equal a
+    stock prune of the list (target everywhere, that layer at the level); the model comes back dense."""
+    from layerif_plugins.evaluation.perplexity import example_token_losses
+    from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier, planning
+    from layerif_plugins.integrations.llmcompressor.planning import sequential_prune
+
+    cls = LayerIFWandaPruningModifier if algorithm == "wanda" else LayerIFSparseGPTModifier
+    model, tok = load_model_and_tokenizer(stories_dir)
+    batches = calibration_batches(load_examples(tinystories_train, tok, MAX_LEN, n=N_CALIB), 1)
+    held = load_examples(tinystories_valid, tok, MAX_LEN, n=4)
+    mod = cls(sparsity=0.5, allocation="uniform")
+    modules, params = mod.resolve_targets(model)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ours, _ = load_model_and_tokenizer(stories_dir)
+    sequential_prune(ours, mod.resolve_targets(ours)[0], batches, algorithm, [0.5] * 5, mod.algorithm_fields())
+    stock, _ = load_model_and_tokenizer(stories_dir)
+    prune_in_session(stock, mod.stock_modifier([0.5] * 5), batches)
+    for (name, a), b in zip(ours.named_parameters(), stock.parameters(), strict=True):
+        assert torch.equal(a == 0, b == 0), name  # the same masks; SparseGPT's updates agree to float rounding
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max())), name
+
+    table = measure_sensitivity(model, modules, params, 0.5, algorithm, mod.algorithm_fields(), batches, held,
+                                step=0.2, half_width=1, around="uniform")
+    assert all(torch.equal(dense[n], p) for n, p in model.named_parameters())  # left dense
+    assert [row[1] for row in table.costs] == [0.0] * 5 and table.layer_prunes == 10
+    assert table.base_loss == pytest.approx(token_mean(*example_token_losses(stock, held, pad_id=0)), abs=1e-5)
+    for k in (0, 2):
+        fresh, _ = load_model_and_tokenizer(stories_dir)
+        prune_in_session(fresh, mod.stock_modifier([0.5, 0.5, 0.5, 0.5, table.grid[k]]), batches)
+        loss = token_mean(*example_token_losses(fresh, held, pad_id=0))
+        assert loss - table.base_loss == pytest.approx(table.costs[4][k], abs=1e-5)
+    monkeypatch.setattr(planning, "RESUME_CACHE_BYTES", 0)  # full forwards give the same table
+    full = measure_sensitivity(model, modules, params, 0.5, algorithm, mod.algorithm_fields(), batches, held,
+                               step=0.2, half_width=1, around="uniform")
+    for got, want in zip(table.costs, full.costs, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ConfigError, match="sensitivity_around must be one of"):
+        measure_sensitivity(model, modules, params, 0.5, algorithm, {}, batches, held, 0.2, 1, around="sparse")
+
+
 @pytest.mark.slow
 def test_planned_prune_reruns_to_identical_weights_from_plan_and_recipe(stories_dir, tinystories_train, tmp_path):
     from llmcompressor import oneshot
