@@ -22,6 +22,9 @@ from layerif_plugins.allocate.sparsity import (
 )
 from layerif_plugins.errors import ConfigError
 
+#: where the sensitivity table is measured: every other layer dense, or every other layer at the target
+SENSITIVITY_AROUND = ("dense", "uniform")
+
 
 def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
@@ -68,7 +71,7 @@ CHECKS: dict[str, Any] = {
     "sensitivity_examples": lambda v: _positive_int("sensitivity_examples", v, allow_none=False),
     "max_moves": lambda v: _nonneg_int("max_moves", v),
     "confirm_examples": lambda v: _nonneg_int("confirm_examples", v),
-    "sensitivity_around": lambda v: _one_of("sensitivity_around", v, ("dense", "uniform")),
+    "sensitivity_around": lambda v: _one_of("sensitivity_around", v, SENSITIVITY_AROUND),
 }
 
 
@@ -177,4 +180,4 @@ class AllocationOptions:
         return asdict(self)
 
 
-__all__ = ["AllocationOptions", "CHECKS", "check_field"]
+__all__ = ["CHECKS", "SENSITIVITY_AROUND", "AllocationOptions", "check_field"]

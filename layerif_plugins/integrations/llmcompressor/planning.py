@@ -45,7 +45,7 @@ from layerif_plugins.models import fingerprint, num_layers
 from layerif_plugins.plan import knapsack
 from layerif_plugins.plan.artifact import AllocationPlan
 from layerif_plugins.plan.decide import token_mean
-from layerif_plugins.plan.options import AllocationOptions
+from layerif_plugins.plan.options import SENSITIVITY_AROUND, AllocationOptions
 from layerif_plugins.plan.planner import Budget, Evaluation, Journal, SearchResult, plan_allocation
 from layerif_plugins.plan.providers import (
     ATP,
@@ -181,10 +181,6 @@ def _layer_resume(model: torch.nn.Module, held: Examples) -> LayerResume | None:
         logger.info("sensitivity table: full forwards (layer inputs would take %.1f GiB)", cache / 2**30)
         return None
     return LayerResume(model, held, pad_id=0)
-
-
-#: where the sensitivity table is measured: every other layer dense, or every other layer at the target
-SENSITIVITY_AROUND = ("dense", "uniform")
 
 
 def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], params: Sequence[int], target: float,
