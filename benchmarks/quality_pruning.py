@@ -97,10 +97,11 @@ EVAL_NAMES = {"wikitext2": "WikiText-2 test", "tinystories": "TinyStories valid"
 SPLIT_SEED = 1234
 #: row fields that must match for a JSONL row to count as done (the run's sizes)
 SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens", "batch_size",
-             "confirm_examples", "planner_allocation", "sensitivity_around", "max_moves")
+             "n_holdout", "sensitivity_examples", "confirm_examples", "planner_allocation", "sensitivity_around",
+             "max_moves")
 #: value of a size key in rows written before the key existed
-SIZE_DEFAULTS = {"batch_size": 1, "confirm_examples": 0, "planner_allocation": "auto", "sensitivity_around": "dense",
-                 "max_moves": 8}
+SIZE_DEFAULTS = {"batch_size": 1, "n_holdout": 32, "sensitivity_examples": 16, "confirm_examples": 0,
+                 "planner_allocation": "auto", "sensitivity_around": "dense", "max_moves": 8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -52,6 +52,22 @@ def test_resume_skips_done_cells_of_the_same_sizes_only(qp, tmp_path):
     assert qp.cell_key({**qp.planned_cells(bigger)[0], "sizes": qp.sizes(bigger)}) not in keys
 
 
+def test_planner_knobs_are_part_of_a_cell_and_old_rows_read_as_the_defaults(qp):
+    base = qp.parse_args(["--allocations", "planner", "--sparsities", "0.7", "--algorithms", "wanda",
+                          "--noise-seeds", ""])
+    cell = qp.planned_cells(base)[0]
+    old_row = {**cell, "sizes": {k: v for k, v in qp.sizes(base).items()
+                                 if k not in ("n_holdout", "sensitivity_examples", "confirm_examples",
+                                              "planner_allocation", "sensitivity_around", "max_moves")}}
+    assert qp.cell_key(old_row) == qp.cell_key({**cell, "sizes": qp.sizes(base)})  # written before the knobs
+    for extra in (["--sensitivity-around", "uniform"], ["--planner-allocation", "sensitivity"], ["--max-moves", "0"],
+                  ["--confirm-examples", "16", "--n-holdout", "48"], ["--n-holdout", "48"],
+                  ["--sensitivity-examples", "8"]):
+        other = qp.parse_args(["--allocations", "planner", "--sparsities", "0.7", "--algorithms", "wanda",
+                               "--noise-seeds", "", *extra])
+        assert qp.cell_key({**cell, "sizes": qp.sizes(other)}) != qp.cell_key(old_row), extra
+
+
 def test_report_tables_noise_and_auto(qp, tmp_path):
     args = qp.parse_args(["--out", str(tmp_path)])
     base = {"task": "wikitext2", "algorithm": "wanda", "sparsity": 0.6, "sizes": qp.sizes(args), "auto": {},
