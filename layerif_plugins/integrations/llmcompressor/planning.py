@@ -132,11 +132,11 @@ def sequential_prune(model: torch.nn.Module, modules: Sequence[Module], batches:
     outputs to the next), with its own ``accumulate_*`` and ``sparsify_weight`` (equal to a stock
     ``oneshot`` of the same list: tested). One forward over the calibration batches per layer.
     """
+    from compressed_tensors.utils import update_offload_parameter
+
     by_layer: dict[int, list[Module]] = {}
     for entry in modules:
         by_layer.setdefault(entry[0], []).append(entry)
-    from compressed_tensors.utils import update_offload_parameter
-
     stats: dict[torch.nn.Module, torch.Tensor] = {}
     for layer in range(len(levels)):
         mods = by_layer.get(layer, [])

@@ -32,11 +32,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-@pytest.mark.parametrize("algorithm", ["wanda", "sparsegpt"])
-def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(stories_dir, tinystories_train,
-                                                                          tinystories_valid, algorithm,
-                                                                          monkeypatch):
-    from layerif_plugins.evaluation.perplexity import example_token_losses
+def _sensitivity_setup(stories_dir, tinystories_train, tinystories_valid, algorithm):
+    """stories260K, its calibration batches, 4 held-out examples, the algorithm's modifier and its targets."""
     from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier
 
     cls = LayerIFWandaPruningModifier if algorithm == "wanda" else LayerIFSparseGPTModifier
@@ -45,6 +42,17 @@ def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(storie
     held = load_examples(tinystories_valid, tok, MAX_LEN, n=4)
     mod = cls(sparsity=0.5, allocation="uniform")
     modules, params = mod.resolve_targets(model)
+    return model, batches, held, mod, modules, params
+
+
+@pytest.mark.parametrize("algorithm", ["wanda", "sparsegpt"])
+def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(stories_dir, tinystories_train,
+                                                                          tinystories_valid, algorithm,
+                                                                          monkeypatch):
+    from layerif_plugins.evaluation.perplexity import example_token_losses
+
+    model, batches, held, mod, modules, params = _sensitivity_setup(stories_dir, tinystories_train,
+                                                                    tinystories_valid, algorithm)
     table = measure_sensitivity(model, modules, params, 0.5, algorithm, mod.algorithm_fields(), batches, held,
                                 step=0.2, half_width=1)
     assert table.grid == pytest.approx([0.3, 0.5, 0.7]) and table.layer_prunes == 15
@@ -74,15 +82,11 @@ def test_sensitivity_around_uniform_is_measured_at_the_stock_uniform_prune(stori
     """``around="uniform"``: the sequential prune equals the stock uniform prune; the last layer's entries equal a
     stock prune of the list (target everywhere, that layer at the level); the model comes back dense."""
     from layerif_plugins.evaluation.perplexity import example_token_losses
-    from layerif_plugins.integrations.llmcompressor import LayerIFSparseGPTModifier, planning
+    from layerif_plugins.integrations.llmcompressor import planning
     from layerif_plugins.integrations.llmcompressor.planning import sequential_prune
 
-    cls = LayerIFWandaPruningModifier if algorithm == "wanda" else LayerIFSparseGPTModifier
-    model, tok = load_model_and_tokenizer(stories_dir)
-    batches = calibration_batches(load_examples(tinystories_train, tok, MAX_LEN, n=N_CALIB), 1)
-    held = load_examples(tinystories_valid, tok, MAX_LEN, n=4)
-    mod = cls(sparsity=0.5, allocation="uniform")
-    modules, params = mod.resolve_targets(model)
+    model, batches, held, mod, modules, params = _sensitivity_setup(stories_dir, tinystories_train,
+                                                                    tinystories_valid, algorithm)
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     ours, _ = load_model_and_tokenizer(stories_dir)
