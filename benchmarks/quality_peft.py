@@ -19,9 +19,10 @@ for every method; only where the capacity sits differs:
   split), ``layerif-inv`` (the same scores, ``invert=True``: more rank to the better-trained
   layers), ``alpha_hill`` (AlphaPruning / AlphaLoRA's Hill α), ``depth_ramp`` (score = layer index);
 * ``moe-<layout>``      — the LoRA-MoE tuner (:mod:`layerif_plugins.integrations.peft_moe`) with
-  ``T = L · r / expert_r`` experts of rank ``expert_r`` (expert parameters = ``lora``'s; the routers
-  add ``n · d_in`` per routed module — reported): ``uniform``, ``mola-2468``, ``alphalora``,
-  ``layerif:1``, ``layerif:2.5`` (β after the colon);
+  as many experts of rank ``expert_r`` as fit in ``lora``'s trainable parameters, routers included
+  (``moe_layout_for_params``: a router adds ``n · d_in`` per routed module, so a layout with many
+  routed layers gets fewer experts; each row reports its count): ``uniform``, ``mola-2468``,
+  ``alphalora``, ``layerif:1``, ``layerif:2.5`` (β after the colon);
 * a method name ending in ``@other`` uses the LayerIF scores computed on the *other* task (control).
 
 Tasks (``--tasks``): ``shakespeare`` (``../shared/data/tinyshakespeare/input.txt``, speeches) and
@@ -86,7 +87,8 @@ from quality_pruning import append_row, model_tag, read_rows  # noqa: E402
 from layerif_plugins.data import Examples, collate, pad_id_of  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
 from layerif_plugins.integrations.peft_lora import lora_layout_config  # noqa: E402
-from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout  # noqa: E402
+from layerif_plugins.integrations.peft_lora.layout import lora_trainable_params, targeted_linears  # noqa: E402
+from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout_for_params  # noqa: E402
 from layerif_plugins.io import atomic_write_json, atomic_write_text  # noqa: E402
 from layerif_plugins.models import load_model_and_tokenizer, num_layers  # noqa: E402
 from layerif_plugins.paths import shared_data, stories260k_checkpoint  # noqa: E402
@@ -101,6 +103,9 @@ METHODS = ("lora", "eva", "adalora", "lora-layerif", "lora-layerif@other", "lora
            "moe-layerif:2.5@other")
 SIZE_KEYS = ("r", "lora_alpha", "expert_r", "spread", "targets", "steps", "eval_every", "batch_size", "lr",
              "max_length", "n_train", "n_test", "n_score_train", "n_score_val", "eva_batches")
+#: how the LoRA-MoE rows are sized: at most ``lora``'s trainable parameters, routers included (rows made
+#: before 2026-12-03 had ``L · r / expert_r`` experts and routers on top, 11–17 % more parameters)
+MOE_PARAMS = "lora"
 #: the scores each scored method reads (LoRA rank patterns and MoE layouts)
 SCORER_OF = {"layerif": "layerif", "layerif-inv": "layerif", "alpha_hill": "alpha_hill", "depth_ramp": "depth_ramp",
              "alphalora": "alpha_hill"}
@@ -154,8 +159,10 @@ def split(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def sizes(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in SIZE_KEYS}
+def sizes(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """What a finished row must share with this run to be reused (LoRA-MoE rows: also how they were sized)."""
+    moe = {"moe_params": MOE_PARAMS} if method_parts(method)[0] == "moe" else {}
+    return {**{k: getattr(args, k) for k in SIZE_KEYS}, **moe}
 
 
 def method_parts(name: str) -> tuple[str, str, bool]:
@@ -296,8 +303,8 @@ def build(name: str, base: Any, scores: dict[str, LayerScores], other: dict[str,
     else:
         kind, beta = layout_beta(layout, 2.5)
         source = (other if use_other else scores).get(SCORER_OF.get(kind, ""))
-        budget = num_layers(base) * args.r // args.expert_r
-        plan = moe_layout(base, kind, budget, scores=source, beta=beta)
+        lora = lora_trainable_params(LoraConfig(r=args.r), targeted_linears(base, targets))
+        plan = moe_layout_for_params(base, kind, lora, args.expert_r, targets, scores=source, beta=beta)
         pm = get_moe_model(model, plan, r=args.expert_r, lora_alpha=args.lora_alpha * args.expert_r // args.r,
                            target_modules=targets)
         info["experts"] = plan.experts
@@ -365,7 +372,7 @@ def run_cell(task: str, name: str, seed: int, base: Any, splits: dict[str, Examp
     return {"task": task, "method": name, "seed": seed, "trainable": trainable, **info,
             "curve": callbacks[0].points, "test_loss": held["loss"], "test_ppl": held["perplexity"],
             "train_loss_last10": statistics.mean(losses[-10:]), "step_s_wall": wall / args.steps,
-            "step_s_cpu": cpu / args.steps, "peak_mib": peak_memory_mib(), "sizes": sizes(args)}
+            "step_s_cpu": cpu / args.steps, "peak_mib": peak_memory_mib(), "sizes": sizes(args, name)}
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -451,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = model_tag(args.model)
     jsonl = out / f"quality_peft_{tag}.jsonl"
-    rows = [r for r in read_rows(jsonl) if r.get("sizes") == sizes(args)]
+    rows = [r for r in read_rows(jsonl) if r.get("sizes") == sizes(args, r["method"])]
     base, tok = load_model_and_tokenizer(args.model, device=args.device)
     base.requires_grad_(False)
     pad = pad_id_of(tok)
@@ -492,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         f"# PEFT layouts at equal trainable parameters (`{args.model}`)\n\n"
         f"LoRA r = {args.r} (α {args.lora_alpha}) on {args.targets}; rank patterns at spread {args.spread}; "
-        f"LoRA-MoE: {num_layers(base) * args.r // args.expert_r} experts of rank {args.expert_r}; {args.steps} AdamW "
+        f"LoRA-MoE: experts of rank {args.expert_r}, as many as fit in LoRA's parameters; {args.steps} AdamW "
         f"steps (lr {args.lr}, linear decay), batch {args.batch_size} × ≤ {args.max_length} tokens, "
         f"{args.n_train} training / {args.n_test} test examples per task; seeds 0..{args.seeds - 1} (adapter init + "
         "batch order). Paired differences: same seed, ± standard error; `*` = beyond two standard errors.\n\n"

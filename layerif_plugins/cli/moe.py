@@ -26,8 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("moe", help="layer scores → per-layer LoRA experts → initialised PEFT LoRA-MoE adapter")
     add_model_args(p)
     p.add_argument("--scores", help="LayerScores JSON (from `layerif score`); needed by --layout layerif")
-    p.add_argument("--budget", type=positive_int, required=True,
-                   help="total number of experts T over all layers (>= layers; at most layers × hidden size / r)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget", type=positive_int,
+                      help="total number of experts T over all layers (>= layers; at most layers × hidden size / r)")
+    size.add_argument("--max-params", type=positive_int,
+                      help="instead of --budget: as many experts as fit in this many trainable parameters "
+                           "(experts + routers)")
+    size.add_argument("--match-lora-r", type=positive_int,
+                      help="instead of --budget: as many experts as fit in the trainable parameters of a plain "
+                           "LoRA of this rank on the same --target-modules (a comparison at equal parameters)")
     p.add_argument("--beta", type=finite_float, default=2.5, help="exponent β of the score → experts mapping")
     p.add_argument("--layout", default="layerif", choices=LAYOUTS,
                    help="layerif (docs/method.md §2a), alphalora (alpha_hill scores, AlphaLoRA rounding), MoLA, "
@@ -69,21 +76,48 @@ def _scores(args: argparse.Namespace, model, tok):
     return resolve_scores(model, method, None, data, **params), f"{method} (computed)"
 
 
+def _max_params(args: argparse.Namespace, model, targets: list[str]) -> int | None:
+    """The parameter budget of ``--max-params`` / ``--match-lora-r`` (None with ``--budget``), checked to fit."""
+    from peft import LoraConfig
+
+    from layerif_plugins.integrations.peft_lora.layout import lora_trainable_params, targeted_linears
+    from layerif_plugins.integrations.peft_moe.build import moe_layout_for_params
+
+    if args.budget:
+        return None
+    if args.max_params:
+        most = args.max_params
+    else:
+        most = lora_trainable_params(LoraConfig(r=args.match_lora_r), targeted_linears(model, targets))
+    moe_layout_for_params(model, "uniform", most, args.r, targets)  # the smallest layout: fails early if it cannot fit
+    return most
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from layerif_plugins.integrations.peft_moe.build import get_moe_model, moe_layout, save_moe_adapter
+    from layerif_plugins.integrations.peft_moe.build import (
+        get_moe_model,
+        moe_layout,
+        moe_layout_for_params,
+        save_moe_adapter,
+    )
     from layerif_plugins.models import num_layers
     from layerif_plugins.models.families import peft_targets
 
     model, tok = load_model(args)
-    hidden = getattr(model.config, "hidden_size", None)
-    if hidden:  # before any scoring: a budget the layers cannot hold would grow without bound
-        check_budget_fits(args.budget, num_layers(model), int(hidden), args.r)
-    scores, source = _scores(args, model, tok)
-    layout = moe_layout(model, args.layout, args.budget, scores=scores, beta=args.beta, max_top_k=args.max_top_k)
     targets = ([t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules
                else peft_targets(model))
+    max_params = _max_params(args, model, targets)  # refuses a size that fits no layout before any scoring
+    hidden = getattr(model.config, "hidden_size", None)
+    if hidden and args.budget:  # before any scoring: a budget the layers cannot hold would grow without bound
+        check_budget_fits(args.budget, num_layers(model), int(hidden), args.r)
+    scores, source = _scores(args, model, tok)
+    if max_params is None:
+        layout = moe_layout(model, args.layout, args.budget, scores=scores, beta=args.beta, max_top_k=args.max_top_k)
+    else:
+        layout = moe_layout_for_params(model, args.layout, max_params, args.r, targets, scores=scores,
+                                       beta=args.beta, max_top_k=args.max_top_k)
     torch.manual_seed(args.seed)
     peft_model = get_moe_model(
         model, layout, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,

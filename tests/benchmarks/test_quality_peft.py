@@ -59,17 +59,23 @@ def test_parse_args_refuses_bad_names(qp):
 @pytest.mark.integration
 def test_quick_subset_runs_and_resumes(qp, tmp_path, capsys):
     """Three methods of `--quick` on one task: equal parameters for the rank pattern, a curve, resumable JSONL."""
-    argv = ["--quick", "--tasks", "shakespeare", "--methods", "lora,lora-depth_ramp,adalora", "--out", str(tmp_path)]
+    argv = ["--quick", "--tasks", "shakespeare", "--methods", "lora,lora-depth_ramp,adalora,moe-uniform",
+            "--out", str(tmp_path)]
     assert qp.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
     assert [(r["method"], r["seed"]) for r in rows] == [("lora", 0), ("lora", 1), ("lora-depth_ramp", 0),
-                                                         ("lora-depth_ramp", 1), ("adalora", 0), ("adalora", 1)]
+                                                         ("lora-depth_ramp", 1), ("adalora", 0), ("adalora", 1),
+                                                         ("moe-uniform", 0), ("moe-uniform", 1)]
     by = {(r["method"], r["seed"]): r for r in rows}
     # quick: r = 4 on q,v,down of stories260K (c_l = 460): 4 · 460 · 5 parameters for both
     assert by["lora", 0]["trainable"] == by["lora-depth_ramp", 0]["trainable"] == 4 * 460 * 5
     assert by["lora", 0]["ranks"] == [12] * 5 and by["lora-depth_ramp", 0]["ranks"] == [6, 9, 12, 15, 18]
     assert by["lora-depth_ramp", 0]["pattern_ranks"] == [2, 3, 4, 5, 6]
     assert sum(by["adalora", 0]["final_ranks"]) == 4 * 3 * 5  # AdaLoRA's final budget: target_r per module
+    # LoRA-MoE at LoRA's 9,200: rank-2 experts cost 2 · 460 per layer, a router n · (64 + 64 + 172) where n > 1;
+    # [2,2,2,2,1] would be 8,280 + 8 · 300 = 10,680, so [2,2,2,1,1]: 7,360 + 6 · 300 = 9,160
+    assert by["moe-uniform", 0]["experts"] == [2, 2, 2, 1, 1] and by["moe-uniform", 0]["trainable"] == 9160
+    assert by["moe-uniform", 0]["sizes"]["moe_params"] == "lora" and "moe_params" not in by["lora", 0]["sizes"]
     for r in rows:
         assert [s for s, _ in r["curve"]] == [3, 6] and r["curve"][-1][1] == pytest.approx(r["test_loss"])
         assert math.isfinite(r["test_loss"]) and r["step_s_wall"] > 0
@@ -78,5 +84,5 @@ def test_quick_subset_runs_and_resumes(qp, tmp_path, capsys):
     assert "Influence-based layouts with a lower test loss" in report
     capsys.readouterr()
     assert qp.main(argv) == 0  # resumed: every cell is already in the JSONL
-    assert len((tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()) == 8
     assert "seed 0: test loss" not in capsys.readouterr().out

@@ -8,13 +8,15 @@ pattern key per decoder layer, wrap the model, and save adapter + ``layout.json`
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from layerif_plugins.allocate.experts import LAYOUTS, SCORED_LAYOUTS, ExpertLayout, expert_layout
+from layerif_plugins.allocate.experts import LAYOUTS, SCORED_LAYOUTS, ExpertLayout, expert_layout, max_budget
 from layerif_plugins.errors import ConfigError
+from layerif_plugins.integrations.peft_lora.layout import targeted_linears
 from layerif_plugins.integrations.peft_moe.config import LoraMoeConfig
 from layerif_plugins.io import atomic_dir, atomic_write_json
 from layerif_plugins.models import blocks_prefix, fingerprint, num_layers
@@ -55,6 +57,77 @@ def moe_layout(
         )
     return expert_layout(layout, num_layers(model), budget, scores=values, beta=beta, max_top_k=max_top_k,
                          source=source)
+
+
+def moe_trainable_params(model: nn.Module, layout: ExpertLayout, r: int, target_modules: Sequence[str] | str) -> int:
+    """Trainable parameters ``get_moe_model(model, layout, r=r, target_modules=…)`` creates, from the shapes alone.
+
+    Per adapted module of decoder layer ``i`` with ``n = layout.experts[i]``: ``n · r · (d_in + d_out)``
+    expert weights, plus an ``n · d_in`` router when ``n > 1`` (one expert is not routed). Sizing a
+    layout by this count, before any model is wrapped, is what makes "LoRA-MoE at a plain LoRA's
+    parameters" exact (:func:`moe_layout_for_params`).
+    """
+    module_layers = _module_layers(model, target_modules)
+    return _params_of(layout.experts, module_layers, r)
+
+
+def moe_layout_for_params(
+    model: nn.Module,
+    layout: str,
+    max_params: int,
+    r: int,
+    target_modules: Sequence[str] | str,
+    scores: LayerScores | None = None,
+    beta: float = 2.5,
+    max_top_k: int = 2,
+) -> ExpertLayout:
+    """The ``layout`` with the most experts whose trainable parameters are at most ``max_params``.
+
+    The budget ``T`` (total experts) is counted down from the most that ``max_params`` could pay for,
+    so the result is the largest fitting ``T`` even where routers make the count uneven in ``T``. Use
+    it to compare a LoRA-MoE with a plain LoRA at equal parameters:
+    ``max_params = lora_trainable_params(LoraConfig(r=8, …), targeted_linears(model, targets))``.
+    Refuses a ``max_params`` below one rank-``r`` expert per layer, naming the least that fits.
+    """
+    module_layers = _module_layers(model, target_modules)
+    n_layers = num_layers(model)
+    per_layer = [0] * n_layers
+    for layer, (d_in, d_out) in module_layers:
+        per_layer[layer] += r * (d_in + d_out)
+    least = sum(per_layer)  # one expert per layer, no router
+    if max_params < least:
+        raise ConfigError(f"max_params={max_params:,} is less than one rank-{r} expert per layer ({least:,} "
+                          f"parameters on {target_modules!r}): raise it, or use a smaller r")
+    most = n_layers + (max_params - least) // min(per_layer)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden:
+        most = min(most, max_budget(n_layers, int(hidden), r))
+    for budget in range(most, n_layers - 1, -1):
+        candidate = moe_layout(model, layout, budget, scores=scores, beta=beta, max_top_k=max_top_k)
+        if _params_of(candidate.experts, module_layers, r) <= max_params:
+            return candidate
+    raise AssertionError("unreachable: one expert per layer fits")  # pragma: no cover
+
+
+def _module_layers(model: nn.Module, target_modules: Sequence[str] | str) -> list[tuple[int, tuple[int, int]]]:
+    """``(decoder layer, (d_in, d_out))`` of every module PEFT adapts for ``target_modules``."""
+    names = layer_names(model)
+    out = []
+    for name, shape in targeted_linears(model, target_modules).items():
+        layer = next((i for i, prefix in enumerate(names) if name.startswith(f"{prefix}.")), None)
+        if layer is None:
+            raise ConfigError(f"target_modules matches {name}, outside the decoder layers: LoRA-MoE puts experts "
+                              "in decoder layers only; name the layers' projections (e.g. q_proj,v_proj)")
+        out.append((layer, shape))
+    return out
+
+
+def _params_of(experts: Sequence[int], module_layers: list[tuple[int, tuple[int, int]]], r: int) -> int:
+    total = 0
+    for layer, (d_in, d_out) in module_layers:
+        n = experts[layer]
+        total += n * r * (d_in + d_out) + (n * d_in if n > 1 else 0)
+    return total
 
 
 def moe_config(model: nn.Module, layout: ExpertLayout, **config_kwargs: Any) -> LoraMoeConfig:

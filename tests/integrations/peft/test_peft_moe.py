@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -12,7 +13,7 @@ from torch import nn
 
 peft = require("peft", "moe")  # a skip on a partial install, a failure under CI=true
 
-from peft import PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from layerif_plugins.allocate.experts import ExpertLayout, expert_layout  # noqa: E402
 from layerif_plugins.data import batches, load_examples, pad_id_of  # noqa: E402
@@ -31,6 +32,8 @@ from layerif_plugins.integrations.peft_moe.build import (  # noqa: E402
     get_moe_model,
     layer_names,
     moe_layout,
+    moe_layout_for_params,
+    moe_trainable_params,
     save_moe_adapter,
 )
 from layerif_plugins.models import ModelFingerprint, fingerprint, load_model_and_tokenizer  # noqa: E402
@@ -111,6 +114,40 @@ def test_only_adapter_and_router_parameters_train(stories):
         base = module.get_base_layer()
         expected += n * 4 * base.in_features + base.out_features * n * 4 + (base.in_features * n if n > 1 else 0)
     assert sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad) == expected
+
+
+def _trainable(peft_model) -> int:
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], list(LLAMA_PROJECTIONS)])
+def test_trainable_count_from_shapes_equals_the_built_model(stories, targets):
+    model, _ = stories
+    for layout in (expert_layout("uniform", 5, 5), expert_layout("uniform", 5, 12), _layout(),
+                   expert_layout("mola-2468", 5, 20)):
+        expected = _trainable(get_moe_model(copy.deepcopy(model), layout, r=4, target_modules=targets))
+        assert moe_trainable_params(model, layout, 4, targets) == expected
+
+
+def test_layout_for_params_is_the_largest_that_fits_a_lora(stories):
+    """Equal parameters: the layout with the most experts whose built model trains no more than LoRA r 8."""
+    model, _ = stories
+    targets = ["q_proj", "v_proj", "down_proj"]
+    lora = _trainable(get_peft_model(copy.deepcopy(model), LoraConfig(r=8, target_modules=targets)))
+    scores = LayerScores(scores=SCORES, method="layerif", model=fingerprint(model))
+    for name in ("uniform", "layerif", "mola-2468"):
+        got = moe_layout_for_params(model, name, lora, 4, targets, scores=scores if name == "layerif" else None)
+        assert _trainable(get_moe_model(copy.deepcopy(model), got, r=4, target_modules=targets)) <= lora
+        bigger = moe_layout(model, name, sum(got.experts) + 1, scores=scores if name == "layerif" else None)
+        assert _trainable(get_moe_model(copy.deepcopy(model), bigger, r=4, target_modules=targets)) > lora
+        assert got.method == name and got.budget == sum(got.experts)
+    least = moe_trainable_params(model, expert_layout("uniform", 5, 5), 4, targets)
+    assert least == 5 * 4 * ((64 + 64) + (64 + 32) + (172 + 64))  # one rank-4 expert per layer, no router: by hand
+    assert moe_layout_for_params(model, "uniform", least, 4, targets).experts == [1] * 5
+    with pytest.raises(ConfigError, match=f"less than one rank-4 expert per layer \\({least:,} parameters"):
+        moe_layout_for_params(model, "uniform", least - 1, 4, targets)
+    with pytest.raises(ConfigError, match="outside the decoder layers"):
+        moe_layout_for_params(model, "uniform", lora, 4, ["q_proj", "lm_head"])
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -444,7 +481,28 @@ def test_cli_errors(stories, stories_dir, tmp_path, capsys):
     assert "needs --scores" in capsys.readouterr().err
     assert main([*base, "--layout", "uniform", "--budget", "10", "--target-modules", "c_attn"]) == 2
     assert "absent" in capsys.readouterr().err
+    assert main([*base, "--layout", "uniform", "--max-params", "100"]) == 2
+    assert "less than one rank-8 expert per layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one size only
+        main([*base, "--layout", "uniform", "--budget", "10", "--match-lora-r", "8"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_match_lora_r_builds_the_largest_layout_at_lora_parameters(stories, stories_dir, tmp_path, capsys):
+    from layerif_plugins.cli import main
+
+    model, _ = stories
+    targets = ["q_proj", "v_proj", "down_proj"]
+    out = tmp_path / "moe"
+    assert main(["moe", "--model", str(stories_dir), "--layout", "uniform", "--match-lora-r", "8", "--r", "4",
+                 "--target-modules", ",".join(targets), "--device", "cpu", "--out", str(out)]) == 0
+    lora = _trainable(get_peft_model(copy.deepcopy(model), LoraConfig(r=8, target_modules=targets)))
+    record = json.loads((out / "layout.json").read_text())
+    assert record["experts"] == moe_layout_for_params(model, "uniform", lora, 4, targets).experts
+    loaded = PeftModel.from_pretrained(load_model_and_tokenizer(stories_dir)[0], str(out), is_trainable=True)
+    assert sum(record["experts"]) > 5 and _trainable(loaded) <= lora
+    assert f"{_trainable(loaded):,} trainable parameters" in capsys.readouterr().out
 
 
 @pytest.mark.integration
