@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         work = (Path(args.work) if args.work else
                 Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quality-pruning-"))))
         work.mkdir(parents=True, exist_ok=True)
-        model_dir = model_dir_for(args.model, work)
+        # a .bin / .gguf is converted into a fresh directory (a reused --work keeps only calibration and plans)
+        model_dir = model_dir_for(args.model, stack.enter_context(tempfile.TemporaryDirectory(prefix="qp-model-")))
         model, tok = load_model_and_tokenizer(model_dir)
         for task in split(args.tasks):
             task_cells = [c for c in todo if c["task"] == task]

@@ -1,0 +1,277 @@
+"""Re-measure the columns of finished planner cells on more test documents, paired per document.
+
+A planner cell of ``quality_pruning.py`` tests each column (uniform, OWL*, AlphaPruning*, ATP*,
+LayerIF*, sensitivity, auto) on ``--eval-docs`` documents (8 by default): one perplexity per
+column and no error bar on the test side, so "beyond the noise" could only be judged against
+the calibration-seed spread. This script reads the plans those cells saved
+(``plan_<model>_<task>_<algorithm>_<sparsity>_<seed>[variant].json``, kept in
+``benchmarks/results/``), prunes every column once more with the cell's own calibration examples
+(same examples, same plan: the same weights) and measures each test document on its own, so:
+
+* the cell's test perplexity is reproduced on its first ``8`` documents (a check that these are
+  the cell's weights: ``ppl_first`` beside the cell's row, when its JSONL is at hand);
+* every column gets a perplexity on ``--eval-docs`` documents (the first 8 included; WikiText-2:
+  the test paragraphs in file order; TinyStories: the validation stories after the scoring ones);
+* each column's difference to ``auto`` comes with a paired standard error over documents
+  (mean of per-document mean token losses; ``*`` = beyond two standard errors), the test-side
+  noise the calibration-seed spread does not show.
+
+No search runs here: the plans fix every per-layer list. Cost: one ``oneshot`` and one
+evaluation per column (SmolLM2: ≈ 15 s / 60 s per Wanda / SparseGPT prune, ≈ 1.4 s per test
+paragraph on 2 cores). Rows go to ``bench_out/retest_plans_<model>.jsonl`` (one per plan, column
+and document count; a rerun skips them), the report to ``retest_plans_<model>.md``, the host libraries'
+logs and bars to ``retest_plans_<model>.log``.
+
+Usage: ``python benchmarks/retest_plans.py --model smollm2-135m --eval-docs 64``
+(default plans: ``benchmarks/results/plan_<model>_*.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_pruning import (  # noqa: E402  (sets the offline environment, puts the repo on sys.path)
+    EVAL_NAMES,
+    PLANNER_LABELS,
+    REPO,
+    append_row,
+    calibration_file,
+    column_plans,
+    model_tag,
+    read_rows,
+    task_splits,
+)
+from quality_pruning import parse_args as cell_args  # noqa: E402
+
+from layerif_plugins.console import host_output  # noqa: E402
+from layerif_plugins.io import atomic_write_text  # noqa: E402
+from layerif_plugins.report import markdown_table  # noqa: E402
+
+PLAN_NAME = re.compile(r"plan_(?P<tag>.+)_(?P<task>wikitext2|tinystories)_(?P<algorithm>wanda|sparsegpt)_"
+                       r"(?P<sparsity>[0-9.]+)_(?P<seed>\d+)(?P<variant>(_.+)?)\.json$")
+CALIB_NAME = re.compile(r"calib_(?P<task>[a-z0-9]+)_(?P<n>\d+)_(?P<seed>\d+)_(?P<n_holdout>\d+)(_(?P<n_table>\d+))?"
+                        r"\.jsonl$")
+#: documents the planner cells were tested on (quality_pruning.py --eval-docs default)
+CELL_DOCS = 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="the model the plans were made for (catalogue name / dir)")
+    p.add_argument("--plans", nargs="*", default=None,
+                   help="plan files of planner cells (default: benchmarks/results/plan_<model>_*.json)")
+    p.add_argument("--eval-docs", type=int, default=64, help="test documents per column (the cell's 8 first)")
+    p.add_argument("--cell-rows", default=None,
+                   help="quality_pruning JSONL with the cells' rows, to print the cell's own test perplexity "
+                        "(default: bench_out/quality_pruning_<model>.jsonl, then benchmarks/results/)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=None, help="calibration files and pruned models (default: a temp directory)")
+    p.add_argument("--out", default=str(REPO / "bench_out"))
+    p.add_argument("--report", action="store_true", help="only write the report from the JSONL")
+    args = p.parse_args(argv)
+    if args.eval_docs < 2:
+        p.error("--eval-docs must be at least 2 (a paired standard error needs two documents)")
+    tag = model_tag(args.model)
+    if args.plans is None:
+        args.plans = [str(p) for p in sorted((REPO / "benchmarks" / "results").glob(f"plan_{tag}_*.json"))]
+    bad = [p for p in args.plans if not PLAN_NAME.search(Path(p).name) or not Path(p).is_file()]
+    if bad:
+        p.error(f"not a planner cell's plan file (plan_<model>_<task>_<algorithm>_<sparsity>_<seed>….json): {bad}")
+    return args
+
+
+def cell_of(plan_path: Path) -> dict[str, Any]:
+    """Task, algorithm, sparsity, seed and variant suffix of a planner cell, from its plan file's name."""
+    m = PLAN_NAME.search(plan_path.name)
+    assert m is not None  # parse_args checked the names
+    return {"plan": plan_path.name, "task": m["task"], "algorithm": m["algorithm"], "sparsity": float(m["sparsity"]),
+            "seed": int(m["seed"]), "variant": m["variant"].lstrip("_")}
+
+
+def calibration_of(plan: Any, work: Path, pool: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The cell's calibration file, made again from its name (the draw is deterministic), and its sizes."""
+    calibration = plan.data.get("calibration") or {}
+    m = CALIB_NAME.search(Path(str(calibration.get("source", ""))).name)
+    if m is None:
+        raise SystemExit(f"the plan's calibration source {calibration.get('source')!r} is not a quality_pruning "
+                         "calibration file: only plans of planner cells can be retested")
+    path = calibration_file(work, m["task"], pool, int(m["n"]), int(m["seed"]), int(m["n_holdout"]),
+                            int(m["n_table"] or 0))
+    return path, {"n_calib": int(calibration["n"]), "max_length": int(calibration["max_length"]),
+                  "batch_size": int(calibration["batch_size"])}
+
+
+def document_losses(path: Path, docs: list[str]) -> tuple[list[float], list[int]]:
+    """Summed token loss and token count of each document (the windows of ``perplexity``, one document at a time)."""
+    from layerif_plugins.evaluation.perplexity import perplexity
+    from layerif_plugins.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(path)
+    nll, tokens = [], []
+    for doc in docs:
+        res = perplexity(model, tok, [doc], batch_size=1)
+        nll.append(res.nll)
+        tokens.append(res.tokens)
+    return nll, tokens
+
+
+def ppl(nll: list[float], tokens: list[int]) -> float:
+    return math.exp(sum(nll) / sum(tokens))
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """Mean ± standard error over documents of (a − b) per-document mean token loss."""
+    diffs = [x / n - y / m for x, n, y, m in zip(a["doc_nll"], a["doc_tokens"], b["doc_nll"], b["doc_tokens"],
+                                                  strict=True)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def cell_row(cell_rows: list[dict[str, Any]], cell: dict[str, Any], column: str,
+             holdout: float | None) -> dict[str, Any] | None:
+    """The cell's own row of this column (matched by cell and held-out perplexity), if recorded."""
+    for r in cell_rows:
+        if (r.get("task"), r.get("algorithm"), r.get("sparsity"), r.get("seed"), r.get("variant")) == (
+                cell["task"], cell["algorithm"], cell["sparsity"], cell["seed"], column) \
+                and holdout is not None and r.get("holdout_ppl") is not None \
+                and math.isclose(r["holdout_ppl"], holdout, rel_tol=1e-9):
+            return r
+    return None
+
+
+def cell_sizes(cell_rows: list[dict[str, Any]], cell: dict[str, Any], chosen_ppl: float | None) -> dict | None:
+    """The sizes the cell ran at (its data splits depend on them), from its ``auto`` row."""
+    row = cell_row(cell_rows, cell, "plan_auto", chosen_ppl)
+    return None if row is None else row.get("sizes")
+
+
+def cell_ppl(cell_rows: list[dict[str, Any]], cell: dict[str, Any], column: str, holdout: float | None) -> float | None:
+    """The cell's own test perplexity of this column, if recorded."""
+    row = cell_row(cell_rows, cell, column, holdout)
+    return None if row is None else row["ppl"]
+
+
+def retest(plan_path: Path, args: argparse.Namespace, model_dir: Path, tok: Any, work: Path,
+           done: set[tuple], cell_rows: list[dict[str, Any]], jsonl: Path) -> None:
+    from layerif_plugins.integrations.llmcompressor import prune_model
+    from layerif_plugins.plan import AllocationPlan
+
+    cell = cell_of(plan_path)
+    plan = AllocationPlan.load(plan_path)
+    sizes_of_cell = cell_sizes(cell_rows, cell, plan.chosen.get("perplexity"))
+    if sizes_of_cell is None:
+        print(f"[retest] {cell['plan']}: no row of this cell in the cell JSONL; its data splits are taken at "
+              "quality_pruning's default sizes", flush=True)
+    split_args = {**vars(cell_args([])), **(sizes_of_cell or {}), "eval_docs": args.eval_docs}
+    splits = task_splits(cell["task"], tok, argparse.Namespace(**split_args))
+    calib, sizes = calibration_of(plan, work, splits["calib"])
+    for column, (path, cand) in column_plans(plan_path, work).items():
+        if (cell["plan"], column, args.eval_docs) in done:
+            continue
+        pruned = work / "pruned"
+        t0 = time.perf_counter()
+        report = prune_model(model_dir, pruned, algorithm=cell["algorithm"], sparsity=cell["sparsity"],
+                             allocation="uniform", plan=path, calib=calib, overwrite=True, show_progress=False,
+                             **sizes)
+        prune_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        nll, tokens = document_losses(pruned, splits["eval"])
+        eval_s = time.perf_counter() - t0
+        shutil.rmtree(pruned, ignore_errors=True)
+        row = {**cell, "column": column, "label": PLANNER_LABELS[column], "eval_docs": args.eval_docs,
+               "layer_sparsity": [r["target"] for r in report["layers"]], "holdout_ppl": cand.get("perplexity"),
+               "doc_nll": nll, "doc_tokens": tokens, "ppl": ppl(nll, tokens),
+               "ppl_first": ppl(nll[:CELL_DOCS], tokens[:CELL_DOCS]),
+               "cell_ppl": cell_ppl(cell_rows, cell, column, cand.get("perplexity")),
+               "prune_s": prune_s, "eval_s": eval_s}
+        append_row(jsonl, row)
+        print(f"[retest] {cell['plan']} {row['label']:14s} ppl {row['ppl']:.3f} on {sum(tokens)} tokens; first "
+              f"{CELL_DOCS} docs {row['ppl_first']:.3f} (cell: {row['cell_ppl']}) (prune {prune_s:.0f} s, "
+              f"eval {eval_s:.0f} s)", flush=True)
+
+
+def cell_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One cell: every column's test perplexity and its paired difference to ``auto`` over documents."""
+    auto = next((r for r in rows if r["column"] == "plan_auto"), None)
+    order = list(PLANNER_LABELS)
+    table = []
+    for r in sorted(rows, key=lambda r: order.index(r["column"])):
+        if auto is None or r is auto:
+            delta = "-"
+        elif r["layer_sparsity"] == auto["layer_sparsity"]:
+            delta = "0 (auto's list)"
+        else:
+            mean, se = paired(auto, r)
+            delta = f"{mean:+.4f} ± {se:.4f}{' *' if abs(mean) > 2 * se else ''}"
+        cell = "-" if r.get("cell_ppl") is None else f"{r['cell_ppl']:.2f}"
+        table.append([r["label"], f"{r['ppl']:.2f}", f"{r['ppl_first']:.2f}", cell, delta])
+    head = rows[0]
+    n_tokens = sum(head["doc_tokens"])
+    title = (f"**{head['task']} {head['algorithm']} {head['sparsity']:.2f}, seed {head['seed']}"
+             f"{' (' + head['variant'] + ')' if head['variant'] else ''}** — {EVAL_NAMES[head['task']]}, "
+             f"{head['eval_docs']} documents, {n_tokens:,} tokens (`{head['plan']}`)")
+    return [title, "", markdown_table(
+        ["column", f"test ppl ({head['eval_docs']} docs)", f"first {CELL_DOCS} docs", "cell's test ppl",
+         "auto − column, nats/doc (paired ± SE)"], table), ""]
+
+
+def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["plan"], r["eval_docs"]), []).append(r)
+    lines = [f"# Planner cells retested on more documents (`{args.model}`)", "",
+             "Each column's plan pruned again with the cell's calibration examples and every test document "
+             "measured on its own; *auto − column* is the mean over documents of the difference in mean token "
+             "loss (negative: auto is better), ± its standard error; `*` beyond two standard errors. "
+             f"*first {CELL_DOCS} docs* is the cell's own test set (it should equal *cell's test ppl*).", ""]
+    for key in sorted(groups):
+        lines += cell_table(groups[key])
+    lines.append(f"Command: `python benchmarks/retest_plans.py --model {args.model} --eval-docs {args.eval_docs}`")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / f"retest_plans_{model_tag(args.model)}.md", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = model_tag(args.model)
+    jsonl = out / f"retest_plans_{tag}.jsonl"
+    if not args.report:
+        import torch
+
+        from layerif_plugins.models import load_model_and_tokenizer, model_dir_for
+
+        torch.set_num_threads(args.threads)
+        cell_jsonl = Path(args.cell_rows) if args.cell_rows else out / f"quality_pruning_{tag}.jsonl"
+        if not cell_jsonl.is_file() and not args.cell_rows:
+            cell_jsonl = REPO / "benchmarks" / "results" / f"quality_pruning_{tag}.jsonl"
+        cell_rows = read_rows(cell_jsonl)
+        done = {(r["plan"], r["column"], r["eval_docs"]) for r in read_rows(jsonl)}
+        with tempfile.TemporaryDirectory(prefix="retest-plans-") as tmp, host_output(out / f"retest_plans_{tag}.log"):
+            work = Path(args.work) if args.work else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            model_dir = model_dir_for(args.model, tmp)  # a .bin / .gguf is converted here, afresh each run
+            _, tok = load_model_and_tokenizer(model_dir)
+            for plan_path in args.plans:
+                retest(Path(plan_path), args, model_dir, tok, work, done, cell_rows, jsonl)
+    wanted = {Path(p).name for p in args.plans}
+    rows = [r for r in read_rows(jsonl) if r["plan"] in wanted and r["eval_docs"] == args.eval_docs]
+    print(write_report(rows, args, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
