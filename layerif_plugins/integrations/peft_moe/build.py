@@ -94,6 +94,9 @@ def moe_layout_for_params(
     per_layer = [0] * n_layers
     for layer, (d_in, d_out) in module_layers:
         per_layer[layer] += r * (d_in + d_out)
+    if empty := [i for i, p in enumerate(per_layer) if p == 0]:
+        raise ConfigError(f"target_modules {target_modules!r} matches nothing in decoder layers {empty}: LoRA-MoE "
+                          "gives every layer at least one expert; name projections every layer has")
     least = sum(per_layer)  # one expert per layer, no router
     if max_params < least:
         raise ConfigError(f"max_params={max_params:,} is less than one rank-{r} expert per layer ({least:,} "

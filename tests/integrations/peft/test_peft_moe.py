@@ -148,6 +148,8 @@ def test_layout_for_params_is_the_largest_that_fits_a_lora(stories):
         moe_layout_for_params(model, "uniform", least - 1, 4, targets)
     with pytest.raises(ConfigError, match="outside the decoder layers"):
         moe_layout_for_params(model, "uniform", lora, 4, ["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match=r"matches nothing in decoder layers \[1, 2, 3, 4\]"):
+        moe_layout_for_params(model, "uniform", lora, 4, ["model.layers.0.self_attn.q_proj"])
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
