@@ -134,7 +134,7 @@ def choose_batch_size(model: nn.Module, targets: Sequence[LinearModule], shapes:
     s_fixed, s_per = stats_bytes(shapes, len(longest), m_vec, precision, config.materialize_limit_bytes)
     acc = torch.finfo(precision.acc).bits // 8
     vectors = 2 * m_vec * sum(o * i for o, i in shapes) * acc
-    free = free_memory(device) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # + cached
+    free = free_memory(device)  # the driver's free memory and the allocator's cached blocks
     held = min(factor_budget, len(train) * factors_per_example)  # the store never holds more than the train set
     left = free - held - vectors
     batch = batch_from_memory(per_example + s_per, left, fixed + s_fixed, SAFETY,

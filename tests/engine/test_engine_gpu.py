@@ -137,3 +137,24 @@ def test_auto_batch_size_on_cuda(stories, task):
                                                                    show_progress=False))
     assert auto.batch_size == len(train) > fixed.batch_size == 8  # capped at the number of examples
     assert_within(auto, fixed, END_TO_END["fp32"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_free_memory_counts_the_allocators_cached_blocks():
+    """A freed 1 GiB tensor stays reserved by PyTorch's allocator: the driver counts it as used, the engine's
+    budget must not (else a run after a training step holds less and replays more)."""
+    from layerif_plugins.engine.factors import free_memory
+
+    device = torch.device("cuda")
+    torch.cuda.synchronize(device)
+    big = torch.empty(2**30, dtype=torch.uint8, device=device)
+    del big  # the block stays in the cache
+    driver = torch.cuda.mem_get_info(device)[0]
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    assert cached >= 2**30
+    got = free_memory(device)
+    assert abs(got - (driver + cached)) <= 64 * 2**20  # other processes may move the driver's figure
+    torch.cuda.empty_cache()
+    assert abs(free_memory(device) - torch.cuda.mem_get_info(device)[0]) <= 64 * 2**20 + (
+        torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
