@@ -179,6 +179,16 @@ def timed(work, device: torch.device) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------- one cell (own process)
 
 
+def plain_fwd_bwd(model, examples: Examples, batch_size: int, device: torch.device) -> None:
+    """The unit of every ratio: a plain training step's forward and backward (weight gradients formed, then
+    dropped) over ``examples`` in batches of ``batch_size``."""
+    for batch in batches(examples, batch_size, 0):
+        batch = batch.to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        per_example_loss(logits, batch.labels).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
 def cell(a: argparse.Namespace) -> dict[str, Any]:
     """Time fwd+bwd and every engine mode alternately in this process; best of ``repeats``."""
     device = torch.device(a.device)
@@ -200,11 +210,7 @@ def cell(a: argparse.Namespace) -> dict[str, Any]:
                   else int(a.batch_size))
 
     def fwdbwd() -> None:
-        for batch in batches(both, batch_size, 0):
-            batch = batch.to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            per_example_loss(logits, batch.labels).sum().backward()
-        model.zero_grad(set_to_none=True)
+        plain_fwd_bwd(model, both, batch_size, device)
 
     extra: dict[str, dict[str, Any]] = {}
 

@@ -20,10 +20,12 @@
 #      the published loop's ratio (scaled from a subset)
 #   5. qwen05b as measured before (batch 8, fp32 statistics), n 128 and 512, T 256: the baseline of step 4
 #   6. qwen15b (Qwen2-1.5B shape), n 128, T 256, auto batch, bf16 statistics
-#   7. llama8b at batch 8 with fp32 statistics (the engine's defaults): the baseline of step 3, if the budget allows
+#   7. where one-pass time goes at qwen05b n 128 (benchmarks/engine_profile.py: torch.profiler tables of
+#      one-pass and a plain fwd+bwd, the shares of dtype copies and clones); the llama8b batch-8 / fp32
+#      baseline that stood here was measured on 2026-12-04 (benchmarks/README.md)
 # Files under $OUT (8, all of which come back): log.txt (everything), summary.txt (one line per step),
 # pytest.txt, engine_llama8b.md, engine_qwen05b.md, engine_qwen05b_base.md, engine_qwen15b.md,
-# engine_llama8b_base.md. Exit status 0 only when no step failed or timed out.
+# profile_qwen05b.md. Exit status 0 only when no step failed or timed out.
 #
 # On the device: run(command="bash benchmarks/gpu_check.sh", carry=["build/gpu_shared"], timeout_s=540)
 set -u
@@ -103,8 +105,8 @@ step "engine $SMALL n=$NS_SMALL T=$T (batch 8, fp32 stats: the earlier setting)"
     --stats-precision fp32
 step "engine $MID n=$N_BIG T=$T (auto batch, bf16 stats)" 90 \
     "${BENCH[@]}" --out "$OUT/engine_qwen15b.md" --models "$MID" --ns "$N_BIG" --modes one-pass --batch-size auto --stats-precision bf16
-step "engine $BIG n=$N_BIG T=$T (batch 8, fp32 stats: the earlier setting)" 90 \
-    "${BENCH[@]}" --out "$OUT/engine_llama8b_base.md" --models "$BIG" --ns "$N_BIG" --modes one-pass --batch-size 8 \
-    --stats-precision fp32
+step "profile $SMALL n=$N_BIG T=$T one-pass vs fwd+bwd (auto batch, bf16 stats)" 90 \
+    "$PY" benchmarks/engine_profile.py --device "$DEVICE" --dtype "$DTYPE" --model "$SMALL" --n "$N_BIG" \
+    --length "$T" --batch-size auto --stats-precision bf16 --out "$OUT/profile_qwen05b.md"
 echo "total $(($(date +%s) - START))s of a ${BUDGET}s budget" | tee -a "$SUMMARY" "$LOG"
 ! grep -q -e FAILED -e "TIMED OUT" "$SUMMARY"
