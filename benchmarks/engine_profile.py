@@ -8,7 +8,7 @@ engine change targets. The same command on the device after such a change says w
 Usage (on the device, from the repo root)::
 
     python benchmarks/engine_profile.py --device cuda --dtype bfloat16 --model qwen05b --n 128 --length 256 \\
-        --out "$OUT/profile_qwen05b.md"
+        --out bench_out/profile_qwen05b.md
 
 On CPU (``--device cpu --dtype float32 --model stories260k``) it is a smoke run: the tables then hold CPU
 time. The model and data are ``engine.py``'s (config-built random weights, synthetic ids: timing only).
