@@ -173,18 +173,28 @@ def _check_saved_config(out: Path) -> None:
         logger.info("removed sparsity_config from %s (weights are dense)", cfg_path)
 
 
-def calibration_batches(examples: Any, batch_size: int) -> list[dict[str, Any]]:
-    """The calibration examples in consecutive batches, each cut to its shortest example (as ``oneshot`` collates)."""
-    import torch
+def calibration_batches(examples: Any, batch_size: int, max_length: int | None = None,
+                        tokenizer: Any = None) -> list[dict[str, Any]]:
+    """The batches the final ``oneshot`` will calibrate on, in its order: llm-compressor's own dataloader.
 
-    out = []
-    ids = list(examples.input_ids)
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        n = min(len(x) for x in chunk)
-        t = torch.tensor([list(x[:n]) for x in chunk], dtype=torch.long)
-        out.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
-    return out
+    A search judges each candidate by pruning it with these batches; the model it judges must be
+    the model the user gets. ``oneshot`` batches with a length-aware sampler (``torch.argsort`` of
+    the lengths, descending, which is not stable: from 17 equal-length examples on, it is not the
+    file's order) and cuts each batch to its shortest example. SparseGPT's masks and updates depend on the
+    order its Hessian is summed in at float rounding, and on SmolLM2 that alone moved a
+    candidate's held-out loss by up to 0.05 nats: more than the paired standard error the search
+    decides with. So the batches come from llm-compressor's ``get_calibration_dataloader`` with the
+    arguments ``oneshot`` gets (:func:`_oneshot_and_save`), not from a re-implementation of it.
+    """
+    from llmcompressor.args import DatasetArguments
+    from llmcompressor.datasets import get_calibration_dataloader
+
+    from layerif_plugins.integrations.llmcompressor.search import materialize
+
+    dataset = _calibration_dataset(examples)
+    args = DatasetArguments(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=max_length,
+                            shuffle_calibration_samples=False, batch_size=batch_size)
+    return materialize(get_calibration_dataloader(args, tokenizer))
 
 
 def check_path_args(**paths: Any) -> None:
@@ -375,8 +385,8 @@ def _plan(modifier: LayerIFSparsityModifierBase, model: Any, tokenizer: Any, pla
     got = _load_data(calib, holdout_args["holdout"], tokenizer, n_calib, holdout_args["n_holdout"], max_length,
                      searching, holdout_args["holdout_length"], n_table)
     made = (AllocationPlan.load(plan) if plan is not None else
-            modifier.plan_for_model(model, calibration_batches(got.calibration, batch_size), got.held,
-                                    table_held=got.table))
+            modifier.plan_for_model(model, calibration_batches(got.calibration, batch_size, max_length, tokenizer),
+                                    got.held, table_held=got.table))
     made.data["calibration"] = {**got.calibration.fingerprint(), "max_length": max_length, "batch_size": batch_size}
     if got.held_from:
         made.data["holdout_file"] = got.held_from

@@ -145,6 +145,30 @@ def test_planned_prune_reruns_to_identical_weights_from_plan_and_recipe(stories_
 
 
 @pytest.mark.slow
+def test_the_model_the_search_judged_is_the_model_prune_model_saves(stories_dir, tinystories_train, tmp_path):
+    """The chosen candidate's held-out loss, as the search measured it, is the saved model's held-out loss.
+
+    SparseGPT, 32 equal-length calibration examples in batches of 4: ``oneshot``'s length-aware
+    sampler (an unstable ``argsort``) does not keep the file's order from 17 examples on, and
+    SparseGPT's result moves with the order its Hessian is summed in. The search must prune with
+    the batches ``oneshot`` will use, in its order.
+    """
+    from layerif_plugins.evaluation.perplexity import example_token_losses
+
+    n_calib, n_holdout = 32, 4
+    report = prune_model(stories_dir, tmp_path / "out", algorithm="sparsegpt", sparsity=0.6, allocation="atp",
+                         calib=tinystories_train, n_calib=n_calib, n_holdout=n_holdout, max_length=16, batch_size=4,
+                         show_progress=False)
+    plan = AllocationPlan.load(tmp_path / "out" / "plan.json")
+    chosen = plan.candidates[plan.chosen["index"]]
+    assert report["chosen"]["provider"] == chosen["provider"] and plan.cost["prunes"] == 7
+    saved, tok = load_model_and_tokenizer(tmp_path / "out")
+    held = load_examples(tinystories_train, tok, 16, n=n_calib + n_holdout).subset(range(n_calib, n_calib + n_holdout))
+    sums, counts = example_token_losses(saved, held, pad_id=0)
+    assert [s / c for s, c in zip(sums, counts, strict=True)] == pytest.approx(chosen["example_losses"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_recipe_written_before_the_planner_prunes_like_the_stock_modifier(stories_dir, tinystories_train, tmp_path):
     """A pre-planner recipe (allocation + fixed ε) gives exactly the stock Wanda weights for the §2b list."""
     from llmcompressor import oneshot
@@ -214,8 +238,11 @@ def test_table_examples_follow_the_held_out_ones_or_fall_back_to_calibration(sto
     n_short = len(load_examples(short, tok, MAX_LEN))
     got = _load_data(short, None, tok, n_short - 2, 2, MAX_LEN, True, n_table=6)
     assert got.table is None and got.held_from["table_examples"].startswith("calibration examples")
-    batches = calibration_batches(got.calibration, 1)
-    assert table_examples_for(options, None, batches).input_ids == got.calibration.input_ids[:4]
+    batches = calibration_batches(got.calibration, 1, MAX_LEN, tok)  # oneshot's order: longest first
+    assert sorted(b["input_ids"].shape[1] for b in batches) == sorted(len(x) for x in got.calibration.input_ids)
+    first = [tuple(b["input_ids"][0].tolist()) for b in batches[:4]]
+    assert table_examples_for(options, None, batches).input_ids == tuple(first)
+    assert all(x in got.calibration.input_ids for x in first)
 
 
 def test_budget_too_small_is_refused_before_any_work(stories_dir, tinystories_train, tmp_path):
