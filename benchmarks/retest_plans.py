@@ -112,9 +112,10 @@ def calibration_of(plan: Any, work: Path, pool: list[str]) -> tuple[Path, dict[s
                   "batch_size": int(calibration["batch_size"])}
 
 
-def document_losses(path: Path, docs: list[str]) -> tuple[list[float], list[int]]:
-    """Summed token loss and token count of each document (the windows of ``perplexity``, one document at a time)."""
-    from layerif_plugins.evaluation.perplexity import perplexity
+def document_losses(path: Path, docs: list[str], held: Any = None) -> tuple[list[float], list[int], float | None]:
+    """Summed token loss and token count of each document (the windows of ``perplexity``, one document at a time),
+    and the held-out perplexity of the same model on ``held`` (the examples the search judged it on), if given."""
+    from layerif_plugins.evaluation.perplexity import example_token_losses, perplexity
     from layerif_plugins.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(path)
@@ -123,7 +124,23 @@ def document_losses(path: Path, docs: list[str]) -> tuple[list[float], list[int]
         res = perplexity(model, tok, [doc], batch_size=1)
         nll.append(res.nll)
         tokens.append(res.tokens)
-    return nll, tokens
+    held_ppl = None
+    if held is not None:
+        sums, counts = example_token_losses(model, held, pad_id=0)  # as the planner measures a candidate
+        held_ppl = math.exp(sum(sums) / sum(counts))
+    return nll, tokens, held_ppl
+
+
+def judged_examples(plan: Any, tok: Any, calib: Path) -> Any:
+    """The held-out examples the plan's search judged its candidates on: in a planner cell, the ones after the
+    calibration examples in the cell's calibration file (made again as ``calib``); None when the plan says otherwise."""
+    from layerif_plugins.data import load_examples
+
+    held = plan.data.get("holdout_file") or {}
+    if not isinstance(held.get("examples"), list) or Path(str(held.get("file"))).name != calib.name:
+        return None
+    first, end = held["examples"]
+    return load_examples(calib, tok, max_length=int(held["max_length"]), n=end).subset(range(first, end))
 
 
 def ppl(nll: list[float], tokens: list[int]) -> float:
@@ -175,6 +192,7 @@ def retest(plan_path: Path, args: argparse.Namespace, model_dir: Path, tok: Any,
     split_args = {**vars(cell_args([])), **(sizes_of_cell or {}), "eval_docs": args.eval_docs}
     splits = task_splits(cell["task"], tok, argparse.Namespace(**split_args))
     calib, sizes = calibration_of(plan, work, splits["calib"])
+    held = judged_examples(plan, tok, calib)
     for column, (path, cand) in column_plans(plan_path, work).items():
         if (cell["plan"], column, args.eval_docs) in done:
             continue
@@ -185,19 +203,20 @@ def retest(plan_path: Path, args: argparse.Namespace, model_dir: Path, tok: Any,
                              **sizes)
         prune_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        nll, tokens = document_losses(pruned, splits["eval"])
+        nll, tokens, held_ppl = document_losses(pruned, splits["eval"], held)
         eval_s = time.perf_counter() - t0
         shutil.rmtree(pruned, ignore_errors=True)
         row = {**cell, "column": column, "label": PLANNER_LABELS[column], "eval_docs": args.eval_docs,
                "layer_sparsity": [r["target"] for r in report["layers"]], "holdout_ppl": cand.get("perplexity"),
+               "holdout_ppl_saved": held_ppl,
                "doc_nll": nll, "doc_tokens": tokens, "ppl": ppl(nll, tokens),
                "ppl_first": ppl(nll[:CELL_DOCS], tokens[:CELL_DOCS]),
                "cell_ppl": cell_ppl(cell_rows, cell, column, cand.get("perplexity")),
                "prune_s": prune_s, "eval_s": eval_s}
         append_row(jsonl, row)
         print(f"[retest] {cell['plan']} {row['label']:14s} ppl {row['ppl']:.3f} on {sum(tokens)} tokens; first "
-              f"{CELL_DOCS} docs {row['ppl_first']:.3f} (cell: {row['cell_ppl']}) (prune {prune_s:.0f} s, "
-              f"eval {eval_s:.0f} s)", flush=True)
+              f"{CELL_DOCS} docs {row['ppl_first']:.3f} (cell: {row['cell_ppl']}); held-out judged "
+              f"{row['holdout_ppl']}, saved model {held_ppl} (prune {prune_s:.0f} s, eval {eval_s:.0f} s)", flush=True)
 
 
 def cell_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -214,7 +233,9 @@ def cell_table(rows: list[dict[str, Any]]) -> list[str]:
             mean, se = paired(auto, r)
             delta = f"{mean:+.4f} ± {se:.4f}{' *' if abs(mean) > 2 * se else ''}"
         cell = "-" if r.get("cell_ppl") is None else f"{r['cell_ppl']:.2f}"
-        table.append([r["label"], f"{r['ppl']:.2f}", f"{r['ppl_first']:.2f}", cell, delta])
+        judged = "-" if r.get("holdout_ppl") is None else f"{r['holdout_ppl']:.2f}"
+        saved = "-" if r.get("holdout_ppl_saved") is None else f"{r['holdout_ppl_saved']:.2f}"
+        table.append([r["label"], f"{r['ppl']:.2f}", f"{r['ppl_first']:.2f}", cell, f"{judged} / {saved}", delta])
     head = rows[0]
     n_tokens = sum(head["doc_tokens"])
     title = (f"**{head['task']} {head['algorithm']} {head['sparsity']:.2f}, seed {head['seed']}"
@@ -222,7 +243,7 @@ def cell_table(rows: list[dict[str, Any]]) -> list[str]:
              f"{head['eval_docs']} documents, {n_tokens:,} tokens (`{head['plan']}`)")
     return [title, "", markdown_table(
         ["column", f"test ppl ({head['eval_docs']} docs)", f"first {CELL_DOCS} docs", "cell's test ppl",
-         "auto − column, nats/doc (paired ± SE)"], table), ""]
+         "held-out ppl: judged / saved model", "auto − column, nats/doc (paired ± SE)"], table), ""]
 
 
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
@@ -233,7 +254,10 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
              "Each column's plan pruned again with the cell's calibration examples and every test document "
              "measured on its own; *auto − column* is the mean over documents of the difference in mean token "
              "loss (negative: auto is better), ± its standard error; `*` beyond two standard errors. "
-             f"*first {CELL_DOCS} docs* is the cell's own test set (it should equal *cell's test ppl*).", ""]
+             f"*first {CELL_DOCS} docs* is the cell's own test set (it should equal *cell's test ppl*). "
+             "*held-out ppl*: the search's figure for the column's candidate, then the saved model's on the same "
+             "held-out examples (they differ when the search did not prune the model it judged: SparseGPT plans "
+             "made before 2026-12-04; `-`: not recorded).", ""]
     for key in sorted(groups):
         lines += cell_table(groups[key])
     lines.append(f"Command: `python benchmarks/retest_plans.py --model {args.model} --eval-docs {args.eval_docs}`")

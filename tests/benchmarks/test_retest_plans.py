@@ -47,6 +47,8 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
         assert sum(r["doc_tokens"][:8]) == mine["eval_tokens"]
         assert r["ppl_first"] == pytest.approx(mine["ppl"], rel=1e-6) and r["cell_ppl"] == mine["ppl"]
         assert r["layer_sparsity"] == mine["layer_sparsity"]
+        # the saved model is the candidate the search judged: its held-out perplexity is the search's figure
+        assert r["holdout_ppl_saved"] == pytest.approx(r["holdout_ppl"], rel=1e-5)
         assert r["ppl"] == pytest.approx(math.exp(sum(r["doc_nll"]) / sum(r["doc_tokens"])))
     # the report's paired difference, by hand: per-document mean token loss, auto − uniform, mean ± std/√n
     by = {r["column"]: r for r in rows}
