@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -307,15 +308,15 @@ def prune_model(
     with tempfile.TemporaryDirectory(prefix="layerif-prune-") as work:
         model, tokenizer = _load_for_oneshot(model_path, work)
         t0 = time.perf_counter()
-        made, examples = _plan(modifier.journal(str(journal)), model, tokenizer, plan, calib, n_calib, max_length,
+        made, got = _plan(modifier.journal(str(journal)), model, tokenizer, plan, calib, n_calib, max_length,
                                batch_size, holdout_args)
         planning = time.perf_counter() - t0
         head = {"model": str(model_path), "out": str(out), "algorithm": algorithm, "scores": scores_path,
                 "quantization": quantize, "device_target": device_target if quantize else None,
                 "epsilon": options.epsilon,  # as passed (None: the reference's; "auto"), what resumed runs compare
                 "planning_seconds": planning, "plan_file": str(out / PLAN_NAME)}
-        report = _oneshot_and_save(model, tokenizer, modifier.use_plan(made), examples, out, overwrite, max_length,
-                                   batch_size, save_plan, head, quantize)
+        report = _oneshot_and_save(model, tokenizer, modifier.use_plan(made), got.calibration, out, overwrite,
+                                   max_length, batch_size, save_plan, head, quantize, judged_on=got.held)
     journal.unlink(missing_ok=True)
     logger.info("pruned %s → %s: target %.4f, measured %.4f (%s, chose %s)", model_path, out, sparsity,
                 report["weighted_mean_measured"], options.allocation, made.chosen.get("provider"))
@@ -377,8 +378,11 @@ def _modifier(algorithm: str, sparsity: float, scores: Any, options: AllocationO
 
 
 def _plan(modifier: LayerIFSparsityModifierBase, model: Any, tokenizer: Any, plan: Any, calib: Any, n_calib: int,
-          max_length: int, batch_size: int, holdout_args: dict[str, Any]) -> tuple[AllocationPlan, Any]:
-    """Read ``plan``, or make one with the modifier's options on the loaded model (weights restored after)."""
+          max_length: int, batch_size: int, holdout_args: dict[str, Any]) -> tuple[AllocationPlan, PlanningData]:
+    """Read ``plan``, or make one with the modifier's options on the loaded model (weights restored after).
+
+    Returns the plan and the data it was made with (``held`` is None unless a search ran here).
+    """
     options = modifier.options()
     searching = options.searched and plan is None
     n_table = options.sensitivity_examples if options.uses_table else 0
@@ -390,7 +394,7 @@ def _plan(modifier: LayerIFSparsityModifierBase, model: Any, tokenizer: Any, pla
     made.data["calibration"] = {**got.calibration.fingerprint(), "max_length": max_length, "batch_size": batch_size}
     if got.held_from:
         made.data["holdout_file"] = got.held_from
-    return made, got.calibration
+    return made, got
 
 
 def _load_for_oneshot(model_path: str | Path, work: str) -> tuple[Any, Any]:
@@ -408,10 +412,49 @@ def _load_for_oneshot(model_path: str | Path, work: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+#: most a saved model's per-example held-out loss may differ from the chosen candidate's (nats; float noise only)
+SAME_MODEL_TOLERANCE = 1e-4
+
+
+def saved_model_check(model: torch.nn.Module, held: Any, plan: AllocationPlan) -> dict[str, Any]:
+    """Is the model ``oneshot`` just made the candidate the search chose? Its held-out losses, compared.
+
+    The search judges each candidate by pruning it in a separate session with the batches the
+    final ``oneshot`` uses; if anything differs between the two (batch order, examples, a host
+    change), SparseGPT gives another model, and the decision was made about a model the user does
+    not get. One forward pass over the held-out examples makes that visible in every run.
+    """
+    from layerif_plugins.evaluation.perplexity import example_token_losses
+    from layerif_plugins.plan.decide import example_losses, token_mean
+
+    chosen = plan.candidates[plan.chosen["index"]] if plan.chosen.get("index") is not None else None
+    if not chosen or chosen.get("example_losses") is None:
+        return {"checked": False, "why": "the chosen candidate has no held-out losses"}
+    sums, counts = example_token_losses(model, held, pad_id=0)
+    mine = example_losses(sums, counts)
+    if len(mine) != len(chosen["example_losses"]):  # a confirmation slice keeps the last examples apart
+        mine = mine[:len(chosen["example_losses"])]
+        sums, counts = sums[:len(mine)], counts[:len(mine)]
+    worst = max(abs(a - b) for a, b in zip(mine, chosen["example_losses"], strict=True))
+    out = {"checked": True, "judged_perplexity": chosen.get("perplexity"),
+           "saved_perplexity": math.exp(token_mean(sums, counts)), "max_example_difference": worst,
+           "same_model": worst <= SAME_MODEL_TOLERANCE}
+    if not out["same_model"]:
+        logger.warning("the saved model is not the candidate the search judged: its held-out losses differ by up "
+                       "to %.4g nats/example (held-out perplexity %.4f judged, %.4f saved); the decision may not "
+                       "hold for it — please report this with the plan file", worst, out["judged_perplexity"],
+                       out["saved_perplexity"])
+    return out
+
+
 def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModifierBase, examples: Any, out: Path,
                       overwrite: bool, max_length: int, batch_size: int, save_plan: Any, head: dict[str, Any],
-                      quantize: str | None = None) -> dict[str, Any]:
-    """One ``oneshot`` with the planned modifier, then the model, tokenizer, recipe, plan and report, atomically."""
+                      quantize: str | None = None, judged_on: Any = None) -> dict[str, Any]:
+    """One ``oneshot`` with the planned modifier, then the model, tokenizer, recipe, plan and report, atomically.
+
+    ``judged_on``: the held-out examples of a search run here; the saved model's losses on them are
+    compared with the chosen candidate's (:func:`saved_model_check`, the report's ``search_check``).
+    """
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
@@ -428,11 +471,12 @@ def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModif
             elapsed = time.perf_counter() - t0
             # before saving: compression replaces packed (W4A16) weights in place
             measured = measure_sparsity(model, modifier.layer_sparsity or [], modifier.targets, modifier.ignore)
+            plan = modifier.allocation_plan
+            assert plan is not None
+            check = saved_model_check(model, judged_on, plan) if judged_on is not None and not quantize else None
             model.save_pretrained(str(tmp), save_compressed=True)  # safetensors (+ quantization) + recipe.yaml
             tokenizer.save_pretrained(str(tmp))
             _check_saved_config(tmp)
-            plan = modifier.allocation_plan
-            assert plan is not None
             plan.save(tmp / PLAN_NAME)
             if save_plan is not None:
                 plan.save(save_plan)
@@ -449,6 +493,7 @@ def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModif
                 "plan_cost": plan.cost,
                 "calib": {**examples.fingerprint(), "max_length": max_length, "batch_size": batch_size},
                 "epsilon_search": info["epsilon_search"],
+                "search_check": check,
                 **measured,
                 "oneshot_seconds": elapsed,
                 "allocation_seconds": info["seconds"],

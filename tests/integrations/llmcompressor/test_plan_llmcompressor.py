@@ -166,6 +166,30 @@ def test_the_model_the_search_judged_is_the_model_prune_model_saves(stories_dir,
     held = load_examples(tinystories_train, tok, 16, n=n_calib + n_holdout).subset(range(n_calib, n_calib + n_holdout))
     sums, counts = example_token_losses(saved, held, pad_id=0)
     assert [s / c for s, c in zip(sums, counts, strict=True)] == pytest.approx(chosen["example_losses"], abs=1e-6)
+    check = report["search_check"]  # the same comparison, made by prune_model itself on every search
+    assert check["same_model"] is True and check["max_example_difference"] <= 1e-6
+    assert check["saved_perplexity"] == pytest.approx(chosen["perplexity"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_search_that_judged_another_model_is_reported(stories_dir, tinystories_train, tmp_path, monkeypatch, caplog):
+    """Batches in file order (what the search used before 2026-12-04) judge models oneshot does not make."""
+    from layerif_plugins.integrations.llmcompressor import prune
+
+    def file_order(examples, batch_size, max_length=None, tokenizer=None):
+        ids = [list(x) for x in examples.input_ids]
+        return [{"input_ids": torch.tensor(ids[i:i + batch_size]),
+                 "attention_mask": torch.ones(len(ids[i:i + batch_size]), len(ids[i]), dtype=torch.long)}
+                for i in range(0, len(ids), batch_size)]
+
+    monkeypatch.setattr(prune, "calibration_batches", file_order)
+    with caplog.at_level("WARNING", logger="layerif_plugins"):
+        report = prune_model(stories_dir, tmp_path / "out", algorithm="sparsegpt", sparsity=0.6, allocation="atp",
+                             calib=tinystories_train, n_calib=32, n_holdout=4, max_length=16, batch_size=4,
+                             show_progress=False)
+    check = report["search_check"]
+    assert check["checked"] and check["same_model"] is False and check["max_example_difference"] > 1e-3
+    assert "the saved model is not the candidate the search judged" in caplog.text
 
 
 @pytest.mark.slow
