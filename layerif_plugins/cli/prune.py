@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     rows.append(["mean (weighted)", f"{report['weighted_mean_target']:.4f}",
                  f"{report['weighted_mean_measured']:.4f}", f"{sum(r['params'] for r in report['layers']):,}"])
     print(markdown_table(["layer", "target", "measured", "params"], rows))
+    check = report.get("search_check") or {}
+    if check.get("checked"):
+        print(f"saved model = chosen candidate: {'yes' if check['same_model'] else 'NO'} (held-out perplexity "
+              f"{check['saved_perplexity']:.4f} saved, {check['judged_perplexity']:.4f} judged)")
     quantized = f" + {args.quantize}" if args.quantize else ""
     print(f"{args.algorithm} / {args.allocation}{quantized}: oneshot {report['oneshot_seconds']:.1f} s; wrote "
           f"{args.out} (plan.json, sparsity_report.json, recipe.yaml)")

@@ -319,6 +319,10 @@ def test_cli_plan_then_prune_with_the_plan(stories_dir, tinystories_train, tmp_p
                  "--out", str(tmp_path / "pruned")]) == 0
     report = json.loads((tmp_path / "pruned" / "sparsity_report.json").read_text())
     assert [r["target"] for r in report["layers"]] == pytest.approx(plan.layer_sparsity, abs=1e-12)
+    assert json.loads((tmp_path / "pruned" / "sparsity_report.json").read_text())["search_check"] is None  # no search
+    capsys.readouterr()
+    assert main(["prune", *args, "--allocation", "atp", "--n-holdout", "4", "--out", str(tmp_path / "atp")]) == 0
+    assert "saved model = chosen candidate: yes" in capsys.readouterr().out
 
 
 @pytest.mark.slow
