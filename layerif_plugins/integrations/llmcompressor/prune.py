@@ -183,7 +183,7 @@ def calibration_batches(examples: Any, batch_size: int, max_length: int | None =
     the lengths, descending, which is not stable: from 17 equal-length examples on, it is not the
     file's order) and cuts each batch to its shortest example. SparseGPT's masks and updates depend on the
     order its Hessian is summed in at float rounding, and on SmolLM2 that alone moved a
-    candidate's held-out loss by up to 0.05 nats: more than the paired standard error the search
+    candidate's held-out loss by up to 0.09 nats: more than the paired standard error the search
     decides with. So the batches come from llm-compressor's ``get_calibration_dataloader`` with the
     arguments ``oneshot`` gets (:func:`_oneshot_and_save`), not from a re-implementation of it.
     """

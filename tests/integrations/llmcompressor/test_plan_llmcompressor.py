@@ -173,16 +173,18 @@ def test_the_model_the_search_judged_is_the_model_prune_model_saves(stories_dir,
 
 @pytest.mark.slow
 def test_a_search_that_judged_another_model_is_reported(stories_dir, tinystories_train, tmp_path, monkeypatch, caplog):
-    """Batches in file order (what the search used before 2026-12-04) judge models oneshot does not make."""
-    from layerif_plugins.integrations.llmcompressor import prune
+    """A search whose batches are not oneshot's judges models oneshot does not make: prune_model says so.
 
-    def file_order(examples, batch_size, max_length=None, tokenizer=None):
-        ids = [list(x) for x in examples.input_ids]
-        return [{"input_ids": torch.tensor(ids[i:i + batch_size]),
-                 "attention_mask": torch.ones(len(ids[i:i + batch_size]), len(ids[i]), dtype=torch.long)}
-                for i in range(0, len(ids), batch_size)]
+    (Before 2026-12-04 the search batched in file order; here it simply misses oneshot's last batch,
+    a difference SparseGPT always shows.)
+    """
+    names = prune_model.__globals__  # the module prune_model runs in (whatever imported it before)
+    real = names["calibration_batches"]
 
-    monkeypatch.setattr(prune, "calibration_batches", file_order)
+    def missing_last_batch(examples, batch_size, max_length=None, tokenizer=None):
+        return real(examples, batch_size, max_length, tokenizer)[:-1]
+
+    monkeypatch.setitem(names, "calibration_batches", missing_last_batch)
     with caplog.at_level("WARNING", logger="layerif_plugins"):
         report = prune_model(stories_dir, tmp_path / "out", algorithm="sparsegpt", sparsity=0.6, allocation="atp",
                              calib=tinystories_train, n_calib=32, n_holdout=4, max_length=16, batch_size=4,
@@ -396,15 +398,15 @@ def test_interrupted_plan_resumes_from_its_last_finished_candidate(stories_dir, 
     out = tmp_path / "plan.json"
     journal = tmp_path / "plan.json.journal.jsonl"
     args = ["plan", "--model", str(stories_dir), "--sparsity", "0.6", "--allocation", "atp", "--calib",
-            str(tinystories_train), "--n-calib", "8", "--max-length", "32", "--n-holdout", "4", "--quiet",
-            "--out", str(out)]
+            str(tinystories_train), "--n-calib", "32", "--max-length", "32", "--n-holdout", "4", "--quiet",
+            "--out", str(out)]  # 32 examples: enough work left after two candidates for the signal to land
     proc = subprocess.Popen([sys.executable, "-m", "layerif_plugins.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
