@@ -400,8 +400,11 @@ def test_interrupted_plan_resumes_from_its_last_finished_candidate(stories_dir, 
     args = ["plan", "--model", str(stories_dir), "--sparsity", "0.6", "--allocation", "atp", "--calib",
             str(tinystories_train), "--n-calib", "32", "--max-length", "32", "--n-holdout", "4", "--quiet",
             "--out", str(out)]  # 32 examples: enough work left after two candidates for the signal to land
+    # a Ctrl-C of its own: the child starts with SIGINT at its default even where the test process
+    # ignores it (a disposition of SIG_IGN is inherited through exec, and Python then keeps ignoring it)
     proc = subprocess.Popen([sys.executable, "-m", "layerif_plugins.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
