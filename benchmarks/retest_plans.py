@@ -117,6 +117,7 @@ def document_losses(path: Path, docs: list[str], held: Any = None) -> tuple[list
     and the held-out perplexity of the same model on ``held`` (the examples the search judged it on), if given."""
     from layerif_plugins.evaluation.perplexity import example_token_losses, perplexity
     from layerif_plugins.models import load_model_and_tokenizer
+    from layerif_plugins.plan.decide import token_mean
 
     model, tok = load_model_and_tokenizer(path)
     nll, tokens = [], []
@@ -127,7 +128,7 @@ def document_losses(path: Path, docs: list[str], held: Any = None) -> tuple[list
     held_ppl = None
     if held is not None:
         sums, counts = example_token_losses(model, held, pad_id=0)  # as the planner measures a candidate
-        held_ppl = math.exp(sum(sums) / sum(counts))
+        held_ppl = math.exp(token_mean(sums, counts))
     return nll, tokens, held_ppl
 
 
