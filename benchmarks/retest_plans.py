@@ -247,6 +247,51 @@ def cell_table(rows: list[dict[str, Any]]) -> list[str]:
          "held-out ppl: judged / saved model", "auto − column, nats/doc (paired ± SE)"], table), ""]
 
 
+#: columns that are baselines (every knob searched on held-out data); the rest are the planner's own
+BASELINES = ("plan_uniform", "plan_owl", "plan_alpha_hill", "plan_atp", "plan_layerif")
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One cell against the issue's bar: ``auto`` vs the best baseline on the retest's documents.
+
+    The best baseline is the one with the lowest test perplexity on these documents (the strongest
+    rival after the fact, which favours the baselines); ``auto − best`` is the paired mean ± standard
+    error over documents (0 when auto kept that very list), and the verdict is *better* / *worse*
+    beyond two standard errors, else *tie*. ``None`` when the cell lacks auto or every baseline.
+    """
+    by = {r["column"]: r for r in rows}
+    rivals = [by[c] for c in BASELINES if c in by]
+    if "plan_auto" not in by or not rivals:
+        return None
+    auto, best = by["plan_auto"], min(rivals, key=lambda r: r["ppl"])
+    mean, se = (0.0, 0.0) if auto["layer_sparsity"] == best["layer_sparsity"] else paired(auto, best)
+    word = "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
+    return {"best": best["label"], "best_ppl": best["ppl"], "auto_ppl": auto["ppl"], "mean": mean, "se": se,
+            "verdict": word}
+
+
+def tally_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """All cells in one table: auto vs the best baseline, and how many cells are better / tie / worse."""
+    table, counts = [], {"better": 0, "tie": 0, "worse": 0}
+    for key in sorted(groups):
+        v = verdict(groups[key])
+        if v is None:
+            continue
+        head = groups[key][0]
+        counts[v["verdict"]] += 1
+        name = (f"{head['task']} {head['algorithm']} {head['sparsity']:.0%} seed {head['seed']}"
+                f"{' (' + head['variant'] + ')' if head['variant'] else ''}")
+        diff = "0 (same list)" if v["se"] == 0.0 and v["mean"] == 0.0 else f"{v['mean']:+.4f} ± {v['se']:.4f}"
+        table.append([name, f"{v['best']} {v['best_ppl']:.2f}", f"{v['auto_ppl']:.2f}", diff, v["verdict"]])
+    if not table:
+        return []
+    return ["**auto vs the best baseline of each cell** (the baseline with the lowest test perplexity on these "
+            "documents; *better* / *worse*: beyond two paired standard errors): "
+            f"{counts['better']} better, {counts['tie']} tie, {counts['worse']} worse.", "",
+            markdown_table(["cell", "best baseline (test ppl)", "auto (test ppl)", "auto − best, nats/doc (± SE)",
+                            "verdict"], table), ""]
+
+
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -259,6 +304,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
              "*held-out ppl*: the search's figure for the column's candidate, then the saved model's on the same "
              "held-out examples (they differ when the search did not prune the model it judged: SparseGPT plans "
              "made before 2026-12-04; `-`: not recorded).", ""]
+    lines += tally_table(groups)
     for key in sorted(groups):
         lines += cell_table(groups[key])
     lines.append(f"Command: `python benchmarks/retest_plans.py --model {args.model} --eval-docs {args.eval_docs}`")

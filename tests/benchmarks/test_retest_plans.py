@@ -57,6 +57,16 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
     report = (tmp_path / "retest_plans_stories260k.md").read_text()
     assert f"| uniform | {by['plan_uniform']['ppl']:.2f} | {by['plan_uniform']['ppl_first']:.2f} |" in report
     assert f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(12):.4f}" in report
+    # the tally: auto against the baseline with the lowest test perplexity, by hand
+    best = min((c for c in rp.BASELINES if c in by), key=lambda c: by[c]["ppl"])
+    if by[best]["layer_sparsity"] == by["plan_auto"]["layer_sparsity"]:
+        diff, word = "0 (same list)", "tie"
+    else:
+        e = per_doc["plan_auto"] - np.array(by[best]["doc_nll"]) / np.array(by[best]["doc_tokens"])
+        mean, se = e.mean(), e.std(ddof=1) / np.sqrt(12)
+        diff, word = f"{mean:+.4f} ± {se:.4f}", "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
+    assert (f"| {by[best]['label']} {by[best]['ppl']:.2f} | {by['plan_auto']['ppl']:.2f} | {diff} | {word} |"
+            in report)
     capsys.readouterr()
     assert rp.main(argv) == 0  # resumed: nothing is pruned again
     assert "[retest]" not in capsys.readouterr().out
@@ -72,3 +82,33 @@ def test_refuses_a_file_that_is_not_a_planner_cells_plan(rp, tmp_path, capsys):
     with pytest.raises(SystemExit):
         rp.parse_args(["--eval-docs", "1"])
     assert "at least 2" in capsys.readouterr().err
+
+
+def _column(column: str, per_doc_loss: list[float], layers: list[float]) -> dict:
+    """A retest row whose documents have one token each: doc_nll is the per-document mean loss itself."""
+    return {"column": column, "label": column.removeprefix("plan_"), "layer_sparsity": layers,
+            "doc_nll": per_doc_loss, "doc_tokens": [1] * len(per_doc_loss),
+            "ppl": math.exp(sum(per_doc_loss) / len(per_doc_loss))}
+
+
+def test_verdict_pairs_auto_with_the_baseline_of_lowest_test_perplexity(rp):
+    uniform = _column("plan_uniform", [3.0, 3.2, 3.4, 3.6], [0.5, 0.5])
+    atp = _column("plan_atp", [2.0, 2.2, 2.4, 2.6], [0.4, 0.6])
+    # auto 0.10, 0.12, 0.08, 0.10 nats below ATP: mean −0.10, SE = stdev(0.02·[0, 1, −1, 0]) / 2
+    better = rp.verdict([uniform, atp, _column("plan_auto", [1.9, 2.08, 2.32, 2.5], [0.3, 0.7])])
+    assert better["best"] == "atp" and better["best_ppl"] == pytest.approx(math.exp(2.3))
+    assert better["mean"] == pytest.approx(-0.10)
+    assert better["se"] == pytest.approx(np.std([0, 0.02, -0.02, 0], ddof=1) / 2)
+    assert better["verdict"] == "better"
+    # auto worse on two documents and better on two by as much: mean 0, a tie
+    tie = rp.verdict([uniform, atp, _column("plan_auto", [2.1, 2.1, 2.5, 2.5], [0.3, 0.7])])
+    assert tie["mean"] == pytest.approx(0.0) and tie["verdict"] == "tie"
+    worse = rp.verdict([uniform, atp, _column("plan_auto", [2.2, 2.41, 2.59, 2.8], [0.3, 0.7])])
+    assert worse["mean"] == pytest.approx(0.2) and worse["verdict"] == "worse"
+    # auto kept ATP's list: no pairing, a tie by construction
+    same = rp.verdict([uniform, atp, _column("plan_auto", atp["doc_nll"], atp["layer_sparsity"])])
+    assert (same["mean"], same["se"], same["verdict"]) == (0.0, 0.0, "tie")
+    # sensitivity is the planner's own column, never the rival; a cell without auto has no verdict
+    sens = _column("plan_sensitivity", [1.0, 1.0, 1.0, 1.0], [0.2, 0.8])
+    assert rp.verdict([uniform, atp, sens, _column("plan_auto", atp["doc_nll"], [0.4, 0.6])])["best"] == "atp"
+    assert rp.verdict([uniform, atp, sens]) is None
