@@ -64,6 +64,12 @@ CALIB_NAME = re.compile(r"calib_(?P<task>[a-z0-9]+)_(?P<n>\d+)_(?P<seed>\d+)_(?P
                         r"\.jsonl$")
 #: documents the planner cells were tested on (quality_pruning.py --eval-docs default)
 CELL_DOCS = 8
+#: torch threads of rows written before the field existed (this script's default then)
+DEFAULT_THREADS = 2
+
+
+def threads_of(row: dict[str, Any]) -> int:
+    return int(row.get("threads", DEFAULT_THREADS))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,7 +201,7 @@ def retest(plan_path: Path, args: argparse.Namespace, model_dir: Path, tok: Any,
     calib, sizes = calibration_of(plan, work, splits["calib"])
     held = judged_examples(plan, tok, calib)
     for column, (path, cand) in column_plans(plan_path, work).items():
-        if (cell["plan"], column, args.eval_docs) in done:
+        if (cell["plan"], column, args.eval_docs, args.threads) in done:
             continue
         pruned = work / "pruned"
         t0 = time.perf_counter()
@@ -213,11 +219,23 @@ def retest(plan_path: Path, args: argparse.Namespace, model_dir: Path, tok: Any,
                "doc_nll": nll, "doc_tokens": tokens, "ppl": ppl(nll, tokens),
                "ppl_first": ppl(nll[:CELL_DOCS], tokens[:CELL_DOCS]),
                "cell_ppl": cell_ppl(cell_rows, cell, column, cand.get("perplexity")),
-               "prune_s": prune_s, "eval_s": eval_s}
+               "threads": args.threads, "prune_s": prune_s, "eval_s": eval_s}
         append_row(jsonl, row)
         print(f"[retest] {cell['plan']} {row['label']:14s} ppl {row['ppl']:.3f} on {sum(tokens)} tokens; first "
               f"{CELL_DOCS} docs {row['ppl_first']:.3f} (cell: {row['cell_ppl']}); held-out judged "
               f"{row['holdout_ppl']}, saved model {held_ppl} (prune {prune_s:.0f} s, eval {eval_s:.0f} s)", flush=True)
+
+
+def cell_name(head: dict[str, Any]) -> str:
+    """``tinystories sparsegpt 70 % seed 0 (variant), 1 thread``: the cell and the torch threads it was pruned with.
+
+    Why the threads: SparseGPT's result follows the float order of its sums, which changes with
+    the thread count (at 70 % on SmolLM2-135M one column's test perplexity moved by up to 27 %).
+    """
+    variant = f" ({head['variant']})" if head["variant"] else ""
+    threads = threads_of(head)
+    return (f"{head['task']} {head['algorithm']} {head['sparsity']:.0%} seed {head['seed']}{variant}, "
+            f"{threads} thread{'s' if threads > 1 else ''}")
 
 
 def cell_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -239,8 +257,7 @@ def cell_table(rows: list[dict[str, Any]]) -> list[str]:
         table.append([r["label"], f"{r['ppl']:.2f}", f"{r['ppl_first']:.2f}", cell, f"{judged} / {saved}", delta])
     head = rows[0]
     n_tokens = sum(head["doc_tokens"])
-    title = (f"**{head['task']} {head['algorithm']} {head['sparsity']:.2f}, seed {head['seed']}"
-             f"{' (' + head['variant'] + ')' if head['variant'] else ''}** — {EVAL_NAMES[head['task']]}, "
+    title = (f"**{cell_name(head)}** — {EVAL_NAMES[head['task']]}, "
              f"{head['eval_docs']} documents, {n_tokens:,} tokens (`{head['plan']}`)")
     return [title, "", markdown_table(
         ["column", f"test ppl ({head['eval_docs']} docs)", f"first {CELL_DOCS} docs", "cell's test ppl",
@@ -279,8 +296,7 @@ def tally_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
             continue
         head = groups[key][0]
         counts[v["verdict"]] += 1
-        name = (f"{head['task']} {head['algorithm']} {head['sparsity']:.0%} seed {head['seed']}"
-                f"{' (' + head['variant'] + ')' if head['variant'] else ''}")
+        name = cell_name(head)
         diff = "0 (same list)" if v["se"] == 0.0 and v["mean"] == 0.0 else f"{v['mean']:+.4f} ± {v['se']:.4f}"
         table.append([name, f"{v['best']} {v['best_ppl']:.2f}", f"{v['auto_ppl']:.2f}", diff, v["verdict"]])
     if not table:
@@ -295,7 +311,7 @@ def tally_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["plan"], r["eval_docs"]), []).append(r)
+        groups.setdefault((r["plan"], r["eval_docs"], threads_of(r)), []).append(r)
     lines = [f"# Planner cells retested on more documents (`{args.model}`)", "",
              "Each column's plan pruned again with the cell's calibration examples and every test document "
              "measured on its own; *auto − column* is the mean over documents of the difference in mean token "
@@ -303,7 +319,10 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
              f"*first {CELL_DOCS} docs* is the cell's own test set (it should equal *cell's test ppl*). "
              "*held-out ppl*: the search's figure for the column's candidate, then the saved model's on the same "
              "held-out examples (they differ when the search did not prune the model it judged: SparseGPT plans "
-             "made before 2026-12-04; `-`: not recorded).", ""]
+             "made before 2026-12-04; `-`: not recorded). *threads*: the torch threads of the retest's prunes; "
+             "SparseGPT at another thread count than the cell's makes another model (its sums run in another "
+             "float order), so there neither figure reproduces the cell's: a second numerical draw of each "
+             "column.", ""]
     lines += tally_table(groups)
     for key in sorted(groups):
         lines += cell_table(groups[key])
@@ -330,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cell_jsonl.is_file() and not args.cell_rows:
             cell_jsonl = REPO / "benchmarks" / "results" / f"quality_pruning_{tag}.jsonl"
         cell_rows = read_rows(cell_jsonl)
-        done = {(r["plan"], r["column"], r["eval_docs"]) for r in read_rows(jsonl)}
+        done = {(r["plan"], r["column"], r["eval_docs"], threads_of(r)) for r in read_rows(jsonl)}
         with tempfile.TemporaryDirectory(prefix="retest-plans-") as tmp, host_output(out / f"retest_plans_{tag}.log"):
             work = Path(args.work) if args.work else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)

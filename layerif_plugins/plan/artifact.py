@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from layerif_plugins.errors import AllocationError
@@ -26,6 +27,18 @@ from layerif_plugins.scores import library_versions
 
 PLAN_FORMAT_VERSION = 1
 PLAN_KIND = "layerif-allocation-plan"
+
+
+def search_numerics() -> dict[str, Any]:
+    """What the judged models depend on besides model, data and plan: the CPU thread count.
+
+    Why: SparseGPT's masks and weight updates follow the float order of its Hessian sums and
+    matrix products, which changes with ``torch.get_num_threads()``. On SmolLM2-135M at 70 %
+    the same per-layer list and calibration gave WikiText-2 test perplexity 248.8 at 1 thread and
+    262.5 at 2 (uniform), 196.5 / 246.1 (AlphaPruning's list); TinyStories: the planner's chosen
+    list 60.8 / 73.7 (docs/quality.md §0). Wanda barely moved with another batch order (0.01 %).
+    """
+    return {"torch_threads": torch.get_num_threads()}
 
 
 @dataclass
@@ -48,6 +61,8 @@ class AllocationPlan:
         scores: the scores file(s) behind score-mapped candidates (path, method, direction).
         data: fingerprints of the calibration and held-out examples.
         extras: e.g. the sensitivity table.
+        numerics: the torch thread count of the search (``search_numerics``); a SparseGPT plan
+            applied at another count makes another model than the one judged (a warning).
     """
 
     layer_sparsity: list[float]
@@ -65,6 +80,7 @@ class AllocationPlan:
     options: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
+    numerics: dict[str, Any] = field(default_factory=search_numerics)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = PLAN_FORMAT_VERSION
     _source: str = field(default="", repr=False, compare=False)
@@ -108,6 +124,7 @@ class AllocationPlan:
             "candidates": self.candidates,
             "extras": self.extras,
             "versions": self.versions,
+            "numerics": self.numerics,
             "created": self.created,
         }
 
@@ -138,7 +155,7 @@ class AllocationPlan:
                    params_per_layer=params, candidates=d.get("candidates") or [], decision=d.get("decision") or {},
                    cost=d.get("cost") or {}, scores=d.get("scores") or {}, data=d.get("data") or {},
                    options=d.get("options") or {}, extras=d.get("extras") or {}, versions=d.get("versions") or {},
-                   created=d.get("created", ""), _source=source)
+                   numerics=d.get("numerics") or {}, created=d.get("created", ""), _source=source)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename)."""
@@ -180,5 +197,19 @@ class AllocationPlan:
                                   f"{self.params_per_layer[:3]}… vs {list(params_per_layer)[:3]}…): targets/ignore "
                                   "differ; make a new plan with the same targets and ignore")
 
+    def numerics_warning(self) -> str | None:
+        """Why this process will not remake the models a SparseGPT search judged, or ``None``.
 
-__all__ = ["PLAN_FORMAT_VERSION", "AllocationPlan"]
+        Only searched SparseGPT plans (Wanda's masks do not move with the summation order) that
+        recorded their thread count (plans before 2026-12-05 did not).
+        """
+        threads, here = self.numerics.get("torch_threads"), torch.get_num_threads()
+        if self.algorithm != "sparsegpt" or not self.candidates or threads is None or threads == here:
+            return None
+        return (f"{self._source or 'allocation plan'} was searched with {threads} torch thread(s) and is applied "
+                f"with {here}: SparseGPT's result follows the float order of its sums, so the pruned model will "
+                "differ from the candidate the search judged (on SmolLM2-135M at 70 % the test perplexity of one "
+                f"list moved by up to 27 % between 1 and 2 threads); torch.set_num_threads({threads}) remakes it")
+
+
+__all__ = ["PLAN_FORMAT_VERSION", "AllocationPlan", "search_numerics"]

@@ -46,7 +46,7 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
         # document at a time instead of batches of 2: summation order only)
         assert sum(r["doc_tokens"][:8]) == mine["eval_tokens"]
         assert r["ppl_first"] == pytest.approx(mine["ppl"], rel=1e-6) and r["cell_ppl"] == mine["ppl"]
-        assert r["layer_sparsity"] == mine["layer_sparsity"]
+        assert r["layer_sparsity"] == mine["layer_sparsity"] and r["threads"] == 2  # the default --threads
         # the saved model is the candidate the search judged: its held-out perplexity is the search's figure
         assert r["holdout_ppl_saved"] == pytest.approx(r["holdout_ppl"], rel=1e-5)
         assert r["ppl"] == pytest.approx(math.exp(sum(r["doc_nll"]) / sum(r["doc_tokens"])))
@@ -56,6 +56,7 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
     d = per_doc["plan_auto"] - per_doc["plan_uniform"]
     report = (tmp_path / "retest_plans_stories260k.md").read_text()
     assert f"| uniform | {by['plan_uniform']['ppl']:.2f} | {by['plan_uniform']['ppl_first']:.2f} |" in report
+    assert "**wikitext2 wanda 50% seed 0, 2 threads** — WikiText-2 test, 12 documents" in report
     assert f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(12):.4f}" in report
     # the tally: auto against the baseline with the lowest test perplexity, by hand
     best = min((c for c in rp.BASELINES if c in by), key=lambda c: by[c]["ppl"])

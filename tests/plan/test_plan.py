@@ -277,3 +277,25 @@ def test_plan_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "scores.json").write_text(json.dumps({"format_version": 1, "scores": [1, 2]}))
     with pytest.raises(AllocationError, match="not an allocation plan"):
         AllocationPlan.load(tmp_path / "scores.json")
+
+
+def test_a_sparsegpt_plan_applied_at_another_thread_count_says_so(tmp_path):
+    """The search's torch thread count is saved; SparseGPT plans warn where it differs (Wanda's never do)."""
+    import torch
+
+    here = torch.get_num_threads()
+    plan = AllocationPlan(layer_sparsity=[0.4, 0.5, 0.6, 0.5], target=0.5, algorithm="sparsegpt", allocation="atp",
+                          chosen={"provider": "atp", "knobs": {"beta": 0.1}, "index": 1}, model=fp(),
+                          params_per_layer=[10, 10, 10, 10], candidates=[{"provider": "uniform"}, {"provider": "atp"}])
+    assert plan.numerics == {"torch_threads": here} and plan.numerics_warning() is None
+    data = plan.to_dict()
+    data["numerics"] = {"torch_threads": here + 1}
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    other = AllocationPlan.load(tmp_path / "other.json")
+    note = other.numerics_warning()
+    assert note is not None and f"searched with {here + 1} torch thread(s) and is applied with {here}" in note
+    assert f"torch.set_num_threads({here + 1})" in note and str(tmp_path / "other.json") in note
+    assert AllocationPlan.from_dict({**data, "algorithm": "wanda"}).numerics_warning() is None
+    assert AllocationPlan.from_dict({**data, "candidates": []}).numerics_warning() is None  # no search judged it
+    del data["numerics"]  # a plan written before the field: nothing to compare
+    assert AllocationPlan.from_dict(data).numerics == {} and AllocationPlan.from_dict(data).numerics_warning() is None

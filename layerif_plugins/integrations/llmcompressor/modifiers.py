@@ -390,6 +390,8 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
         modules, params = self.resolve_targets(state.model)
         plan = self._plan or self._read_or_make_plan(state, modules, params, kwargs.get("sequential_targets"))
         plan.check(state.model, target=float(self.sparsity), algorithm=self._algorithm, params_per_layer=params)
+        if (note := plan.numerics_warning()) is not None:
+            logger.warning(note)
         self._plan = plan
         self.layer_sparsity = list(plan.layer_sparsity)  # the saved recipe reruns this list without searching
         knobs = plan.chosen.get("knobs") or {}

@@ -171,6 +171,26 @@ def test_the_model_the_search_judged_is_the_model_prune_model_saves(stories_dir,
     assert check["saved_perplexity"] == pytest.approx(chosen["perplexity"], rel=1e-6)
 
 
+def test_a_sparsegpt_plan_from_another_thread_count_warns_when_applied(stories_dir, tinystories_train, tmp_path,
+                                                                          caplog):
+    """The plan records the search's torch threads; applying it at another count logs why the model differs."""
+    common = dict(algorithm="sparsegpt", sparsity=0.6, calib=tinystories_train, n_calib=N_CALIB, max_length=MAX_LEN,
+                  show_progress=False)
+    prune_model(stories_dir, tmp_path / "searched", allocation="atp", n_holdout=4, **common)
+    plan_file = tmp_path / "searched" / "plan.json"
+    data = json.loads(plan_file.read_text())
+    assert data["numerics"] == {"torch_threads": torch.get_num_threads()}
+    with caplog.at_level("WARNING", logger="layerif_plugins"):
+        prune_model(stories_dir, tmp_path / "same", plan=plan_file, **common)
+    assert "torch thread(s)" not in caplog.text
+    data["numerics"]["torch_threads"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="layerif_plugins"):
+        prune_model(stories_dir, tmp_path / "other", plan=tmp_path / "other.json", **common)
+    assert f"searched with {data['numerics']['torch_threads']} torch thread(s)" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_search_that_judged_another_model_is_reported(stories_dir, tinystories_train, tmp_path, monkeypatch, caplog):
     """A search whose batches are not oneshot's judges models oneshot does not make: prune_model says so.
