@@ -227,7 +227,7 @@ def retest(plan_path: Path, args: argparse.Namespace, model_dir: Path, tok: Any,
 
 
 def cell_name(head: dict[str, Any]) -> str:
-    """``tinystories sparsegpt 70 % seed 0 (variant), 1 thread``: the cell and the torch threads it was pruned with.
+    """``tinystories sparsegpt 70% seed 0 (variant), 1 thread``: the cell and the torch threads it was pruned with.
 
     Why the threads: SparseGPT's result follows the float order of its sums, which changes with
     the thread count (at 70 % on SmolLM2-135M one column's test perplexity moved by up to 27 %).

@@ -36,7 +36,7 @@ def search_numerics() -> dict[str, Any]:
     matrix products, which changes with ``torch.get_num_threads()``. On SmolLM2-135M at 70 %
     the same per-layer list and calibration gave WikiText-2 test perplexity 248.8 at 1 thread and
     262.5 at 2 (uniform), 196.5 / 246.1 (AlphaPruning's list); TinyStories: the planner's chosen
-    list 60.8 / 73.7 (docs/quality.md §0). Wanda barely moved with another batch order (0.01 %).
+    list 60.8 / 73.7 (docs/quality.md §0). Wanda's did not move (within 1e-5 relative).
     """
     return {"torch_threads": torch.get_num_threads()}
 
