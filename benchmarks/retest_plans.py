@@ -281,10 +281,11 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if "plan_auto" not in by or not rivals:
         return None
     auto, best = by["plan_auto"], min(rivals, key=lambda r: r["ppl"])
-    mean, se = (0.0, 0.0) if auto["layer_sparsity"] == best["layer_sparsity"] else paired(auto, best)
+    same = auto["layer_sparsity"] == best["layer_sparsity"]
+    mean, se = (0.0, 0.0) if same else paired(auto, best)
     word = "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
-    return {"best": best["label"], "best_ppl": best["ppl"], "auto_ppl": auto["ppl"], "mean": mean, "se": se,
-            "verdict": word}
+    return {"best": best["label"], "best_ppl": best["ppl"], "auto_ppl": auto["ppl"], "same_list": same, "mean": mean,
+            "se": se, "verdict": word}
 
 
 def tally_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
@@ -297,7 +298,7 @@ def tally_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
         head = groups[key][0]
         counts[v["verdict"]] += 1
         name = cell_name(head)
-        diff = "0 (same list)" if v["se"] == 0.0 and v["mean"] == 0.0 else f"{v['mean']:+.4f} ± {v['se']:.4f}"
+        diff = "0 (same list)" if v["same_list"] else f"{v['mean']:+.4f} ± {v['se']:.4f}"
         table.append([name, f"{v['best']} {v['best_ppl']:.2f}", f"{v['auto_ppl']:.2f}", diff, v["verdict"]])
     if not table:
         return []
