@@ -86,3 +86,35 @@ def test_quick_subset_runs_and_resumes(qp, tmp_path, capsys):
     assert qp.main(argv) == 0  # resumed: every cell is already in the JSONL
     assert len((tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()) == 8
     assert "seed 0: test loss" not in capsys.readouterr().out
+
+
+def test_windows_split_keeps_paragraphs_apart(qp, tmp_path):
+    """WikiText-style split: headings dropped, windows ≤ max_length and ≥ 8 tokens, no paragraph in two parts."""
+    paragraphs = [" = Heading = "] + [" ".join([f"p{i}"] * (5 + 7 * (i % 6))) for i in range(1, 40)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+
+    def tok(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [int(w[1:]) if w.startswith("p") else -1 for w in text.split()]}
+
+    args = qp.parse_args(["--max-length", "10", "--n-test", "4", "--n-score-val", "2", "--n-train", "12"])
+    parts = qp.split_windows(str(path), tok, args)
+    assert [len(parts[k].input_ids) for k in ("test", "val", "train")] == [4, 2, 12]
+    owners = {k: {t for w in v.input_ids for t in w} for k, v in parts.items()}
+    assert -1 not in set().union(*owners.values())  # the heading is not an example
+    assert not owners["test"] & owners["train"] and not owners["val"] & owners["train"]
+    assert not owners["test"] & owners["val"]
+    for v in parts.values():
+        for w in v.input_ids:
+            assert 8 <= len(w) <= 10 and len(set(w)) == 1  # one paragraph per window
+    # a 40-token paragraph is cut into four consecutive windows: 10 + 10 + 10 + 10; a 12-token one keeps 10
+    counts = {}
+    for w in parts["train"].input_ids:
+        counts[w[0]] = counts.get(w[0], 0) + 1
+    for pid, n in counts.items():
+        length = 5 + 7 * (pid % 6)
+        full = [min(10, length - s) for s in range(0, length, 10)]
+        assert n <= sum(1 for x in full if x >= 8)
+    args = qp.parse_args(["--max-length", "10", "--n-test", "400"])
+    with pytest.raises(SystemExit, match="not enough 10-token windows for the test split"):
+        qp.split_windows(str(path), tok, args)
