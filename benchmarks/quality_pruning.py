@@ -495,13 +495,15 @@ def main(argv: list[str] | None = None) -> int:
                                          args.sensitivity_examples if cell["variant"] == "planner" else 0)
                 if cell["variant"] == "planner":
                     for row in run_planner_cell(cell, model_dir, calib, scores, splits["eval"], args, work):
+                        row["threads"] = torch.get_num_threads()  # SparseGPT moves with it (docs/quality.md §0)
                         append_row(jsonl, row)
                         print(f"[plan] {task} {cell['algorithm']} s={cell['sparsity']:.2f} seed={cell['seed']} "
                               f"{row['label']:14s} ppl={row['ppl']:.3f} held-out={row['holdout_ppl']:.3f} "
                               f"chosen={row['chosen']}", flush=True)
                     append_row(jsonl, {**cell, "sizes": sizes(args), "done": True})
                     continue
-                row = run_cell(cell, model_dir, calib, scores, splits["eval"], args, work)
+                row = {**run_cell(cell, model_dir, calib, scores, splits["eval"], args, work),
+                       "threads": torch.get_num_threads()}
                 append_row(jsonl, row)
                 print(f"[cell] {task} {cell['algorithm']:9s} {cell['variant']:13s} s={cell['sparsity']:.2f} "
                       f"seed={cell['seed']} measured={row['measured']:.4f} ppl={row['ppl']:.3f} "

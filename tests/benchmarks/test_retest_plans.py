@@ -38,6 +38,7 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
     assert rp.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "retest_plans_stories260k.jsonl").read_text().splitlines()]
     tested = {r["variant"]: r for r in cell_rows if r.get("allocation") == "plan"}
+    assert {r["threads"] for r in tested.values()} == {2}  # the cell's rows record the torch threads it ran with
     assert {r["column"] for r in rows} == set(tested) and "plan_auto" in tested
     for r in rows:
         mine = tested[r["column"]]
