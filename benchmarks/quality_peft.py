@@ -25,10 +25,12 @@ for every method; only where the capacity sits differs:
   ``alphalora``, ``layerif:1``, ``layerif:2.5`` (β after the colon);
 * a method name ending in ``@other`` uses the LayerIF scores computed on the *other* task (control).
 
-Tasks (``--tasks``): ``shakespeare`` (``../shared/data/tinyshakespeare/input.txt``, speeches) and
-``wikitext2`` (``../shared/data/wikitext-2/valid.txt``, Wikipedia paragraphs; the only split
-of WikiText-2 besides ``test.txt`` that is shared here, so it is split like Shakespeare). Each
-text is split once (seed 1234) into disjoint train / validation (LayerIF scoring only) / test parts.
+Tasks (``--tasks``): ``shakespeare`` (``../shared/data/tinyshakespeare/input.txt``, one speech per
+example) and ``wikitext2`` (``../shared/data/wikitext-2/valid.txt``, Wikipedia paragraphs cut into
+``--max-length`` token windows — its 794 paragraphs are fewer than one epoch of examples; the only split
+of WikiText-2 besides ``test.txt`` that is shared here, so it is split like Shakespeare). Each text is
+split once (seed 1234) into disjoint train / validation (LayerIF scoring only) / test parts; a
+paragraph never spans two parts.
 
 Reported per (task, method): held-out mean token loss and perplexity on the test part after the
 run, mean ± sample std over the seeds; paired differences (same seed) against ``lora`` and ``eva``
@@ -44,15 +46,17 @@ Usage: ``python benchmarks/quality_peft.py --model smollm2-135m`` (full: 300 ste
 tasks × 13 methods = 78 cells), ``--quick`` (stories260K, a smoke run of every method, ≈ 2.5 min on
 2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json``.
 
-Sizing, measured on the idle 2-core machine (``benchmarks/peft_cost.py``, batch 4 × 64 tokens, q/v/down
-LoRA r 8): one SmolLM2 step is 1.94 s wall (2.96 s CPU) with 2 threads, so a 300-step cell is ≈ 8–10
-minutes and the full grid ≈ 12 hours — the "about three hours" a session can spend holds ≈ 20 cells
-(one task × 7 methods × 3 seeds at ``--max-length 64``). Two processes of ``--threads 1`` each, given
-disjoint ``--methods``, train ≈ 1.3–1.5× more cells per hour than one of 2 threads (small GEMMs do not
-use 2 threads fully); they append to the same JSONL (one ``write`` per finished cell), and a last run
-with every method (all cells done) writes the joint report. Split the rest with ``--tasks`` /
-``--methods`` / ``--seeds`` over sessions: the JSONL resumes where any of them stopped; on a GPU
-(``--device auto`` picks CUDA) the whole grid fits one run.
+Sizing (the defaults: batch 4 × ≤ 32 tokens, 300 steps, held-out loss every 50): one SmolLM2 step of
+LoRA r 8 on q/v/down is 0.95–1.0 s with one thread (two such processes side by side on the 2 cores;
+1.8 s at 64 tokens), so a cell (300 steps, 7 evaluations, building the adapter) is ≈ 5.5 minutes and
+two processes of ``--threads 1`` with disjoint ``--methods`` run the 78-cell grid in ≈ 3.6 hours (the
+66 cells without the ``@other`` controls in ≈ 3 hours; measured 2026-12-05). Two one-thread processes
+train ≈ 1.3–1.5× more cells per hour than one of 2 threads (small GEMMs do not use 2 threads fully);
+they append to the same JSONL (one ``write`` per finished cell), and a last run with every method (all
+cells done) writes the joint report. Split the rest with ``--tasks`` / ``--methods`` / ``--seeds`` over
+sessions: the JSONL resumes where any of them stopped; on a GPU (``--device auto`` picks CUDA) the whole
+grid fits one run. Rows of another sizing stay in the JSONL, kept apart by their ``sizes``; the measured
+rows are kept in ``benchmarks/results/`` (copy them into ``--out`` to resume).
 """
 
 from __future__ import annotations
@@ -126,11 +130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spread", type=float, default=0.5, help="ε of the rank_pattern layouts (allocate/ranks.py)")
     p.add_argument("--targets", default="q_proj,v_proj,down_proj", help="projections every method adapts")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--eval-every", type=int, default=25, help="held-out loss every N steps (the curve)")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (the curve)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--max-length", type=int, default=32,
+                   help="tokens per example (a WikiText-2 paragraph is cut into windows of this length)")
     p.add_argument("--n-train", type=int, default=1200, help="training examples (300 steps × 4 = one epoch)")
     p.add_argument("--n-test", type=int, default=64, help="held-out test examples")
     p.add_argument("--n-score-train", type=int, default=32, help="LayerIF: train examples scored")
