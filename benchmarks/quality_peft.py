@@ -449,7 +449,8 @@ def influence_based(name: str) -> bool:
 
 
 def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_loss: float) -> str:
-    ref = {name: {x["seed"]: x["test_loss"] for x in rows if x["method"] == name} for name in ("lora", "eva")}
+    ref = {name: {x["seed"]: x["test_loss"] for x in rows if x["method"] == name}
+           for name in ("lora", "eva", "moe-uniform")}
     table, curves = [], []
     steps = sorted({s for x in rows for s, _ in x["curve"]})
     shown = steps if len(steps) <= 8 else [steps[round(i * (len(steps) - 1) / 7)] for i in range(8)]
@@ -463,6 +464,7 @@ def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_
             name, f"{r[0]['trainable']:,}", "-".join(map(str, layout)), mean_std([x["test_loss"] for x in r]),
             mean_std([x["test_ppl"] for x in r], 2), paired(r, ref["lora"]) if name != "lora" else "-",
             paired(r, ref["eva"]) if name != "eva" else "-",
+            paired(r, ref["moe-uniform"]) if name.startswith("moe-") and name != "moe-uniform" else "-",
             f"{1000 * statistics.mean(x['step_s_wall'] for x in r):.0f} / "
             f"{1000 * statistics.mean(x['step_s_cpu'] for x in r):.0f}",
             f"{max(peak):.0f}" if peak else "-", len(r),
@@ -474,10 +476,16 @@ def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_
                and beats([x for x in rows if x["method"] == name], ref["eva"])]
     verdict = (f"Influence-based layouts with a lower test loss than both uniform LoRA and EVA beyond two standard "
                f"errors (paired): {', '.join(winners) if winners else 'none'}.")
+    moe_winners = [name for name in methods if name.startswith("moe-") and name != "moe-uniform"
+                   and beats([x for x in rows if x["method"] == name], ref["moe-uniform"])]
+    if ref["moe-uniform"] and any(name.startswith("moe-") and name != "moe-uniform" for name in methods):
+        verdict += (" LoRA-MoE layouts with a lower test loss than the uniform LoRA-MoE layout beyond two standard "
+                    f"errors: {', '.join(moe_winners) if moe_winners else 'none'}.")
     return (
         f"### {task}\n\nBase model without adapter: test loss {base_loss:.4f}.\n\n"
         + markdown_table(["method", "trainable", "layout / layer (experts, or Σ rank)", "test loss", "test ppl",
-                          "Δ vs lora (paired ± SE)", "Δ vs eva (paired ± SE)", "step ms wall / CPU",
+                          "Δ vs lora (paired ± SE)", "Δ vs eva (paired ± SE)", "Δ vs moe-uniform",
+                          "step ms wall / CPU",
                           "peak MiB", "seeds"], table)
         + f"\n\n{verdict}\n\nHeld-out loss curve (mean over seeds) at optimizer step (0: every adapter starts as "
         "the identity, i.e. the base model):\n\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 from benchmark_modules import load_benchmark
@@ -118,3 +119,19 @@ def test_windows_split_keeps_paragraphs_apart(qp, tmp_path):
     args = qp.parse_args(["--max-length", "10", "--n-test", "400"])
     with pytest.raises(SystemExit, match="not enough 10-token windows for the test split"):
         qp.split_windows(str(path), tok, args)
+
+
+def test_report_pairs_moe_layouts_with_the_uniform_moe_layout(qp):
+    """A LoRA-MoE layout is also judged against the uniform LoRA-MoE layout (same seed, ± SE, verdict)."""
+    losses = {"lora": [3.60, 3.61, 3.59], "eva": [3.58, 3.62, 3.57], "moe-uniform": [3.63, 3.62, 3.64],
+              "moe-layerif:2.5": [3.61, 3.605, 3.62], "lora-layerif": [3.59, 3.60, 3.60]}
+    rows = [{"method": m, "seed": s, "test_loss": v, "test_ppl": math.exp(v), "trainable": 10, "ranks": [1, 2],
+             "curve": [[0, 5.0], [1, v]], "step_s_wall": 1.0, "step_s_cpu": 1.0, "peak_mib": 1.0}
+            for m, vals in losses.items() for s, v in enumerate(vals)]
+    report = qp.task_report("t", rows, list(losses), 5.0)
+    d = [a - b for a, b in zip(losses["moe-layerif:2.5"], losses["moe-uniform"], strict=True)]
+    se = statistics.stdev(d) / math.sqrt(3)
+    line = next(x for x in report.splitlines() if x.startswith("| moe-layerif:2.5 |"))
+    assert f"| {statistics.mean(d):+.4f} ± {se:.4f} * |" in line  # −0.0183 ± 0.0017: beyond two SE
+    assert next(x for x in report.splitlines() if x.startswith("| lora-layerif |")).count("| - |") == 1
+    assert "than the uniform LoRA-MoE layout beyond two standard errors: moe-layerif:2.5." in report
