@@ -102,26 +102,34 @@ def layout_beta(name: str, default: float) -> tuple[str, float]:
     return base, float(beta) if beta else default
 
 
-def split_task(path: str, tok, args: argparse.Namespace) -> dict[str, Examples]:
-    """Disjoint train / val (LayerIF scoring only) / test examples from one text file (seed 1234)."""
-    records = [r for r in read_records(path) if isinstance(r, str)]
+def split_task(path: str, tok, args: argparse.Namespace, windows: bool = False) -> dict[str, Examples]:
+    """Disjoint test / val (LayerIF scoring only) / train examples from one text file (seed 1234).
+
+    One example per record (truncated to ``args.max_length``), or with ``windows`` every consecutive
+    ``args.max_length``-token window of a record (section headings ``= … =`` dropped) — for a text with
+    fewer records than examples wanted. Records are shuffled once and dealt to test, then validation, then
+    train, so a record never spans two parts; an example shorter than 8 tokens is dropped.
+    """
+    records = [r for r in read_records(path) if isinstance(r, str)
+               and not (windows and r.strip().startswith("="))]
     order = list(range(len(records)))
     random.Random(1234).shuffle(order)
     sizes = {"test": args.n_test, "val": args.n_score_val, "train": args.n_train}
+    unit = f"{args.max_length}-token windows" if windows else "examples"
     out: dict[str, Examples] = {}
     start = 0
     for name, size in sizes.items():
-        ids = []
-        for i in order[start:]:
+        ids: list[tuple[int, ...]] = []
+        while len(ids) < size and start < len(order):
+            enc = tok(records[order[start]], add_special_tokens=True, truncation=not windows,
+                      max_length=None if windows else args.max_length)["input_ids"]
             start += 1
-            enc = tok(records[i], add_special_tokens=True, truncation=True, max_length=args.max_length)["input_ids"]
-            if len(enc) >= 8:
-                ids.append(tuple(enc))
-            if len(ids) == size:
-                break
+            step = args.max_length if windows else len(enc) or 1
+            ids += [tuple(enc[i:i + args.max_length]) for i in range(0, len(enc), step)
+                    if len(enc[i:i + args.max_length]) >= 8]
         if len(ids) < size:
-            raise SystemExit(f"{path}: not enough examples for the {name} split ({len(ids)} < {size})")
-        out[name] = Examples(tuple(ids), f"{path}:{name}")
+            raise SystemExit(f"{path}: not enough {unit} for the {name} split ({len(ids)} < {size})")
+        out[name] = Examples(tuple(ids[:size]), f"{path}:{name}")
     return out
 
 

@@ -67,7 +67,6 @@ import copy
 import logging
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -89,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_moe import layout_beta, split_task  # noqa: E402
 from quality_pruning import append_row, model_tag, read_rows  # noqa: E402
 
-from layerif_plugins.data import Examples, collate, pad_id_of, read_records  # noqa: E402
+from layerif_plugins.data import Examples, collate, pad_id_of  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402
 from layerif_plugins.integrations.peft_lora import lora_layout_config  # noqa: E402
 from layerif_plugins.integrations.peft_lora.layout import lora_trainable_params, targeted_linears  # noqa: E402
@@ -162,34 +161,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.r % args.expert_r:
         p.error(f"--r {args.r} must be a multiple of --expert-r {args.expert_r} (equal expert parameters)")
     return args
-
-
-def split_windows(path: str, tok: Any, args: argparse.Namespace) -> dict[str, Examples]:
-    """Disjoint test / val / train examples as ``--max-length`` token windows of whole paragraphs.
-
-    Paragraphs (section headings ``= … =`` dropped) are shuffled once (seed 1234) and dealt to test, then
-    validation, then train until each has its number of windows; a paragraph never spans two parts, so no
-    test window shares text with a training window. A paragraph is cut into consecutive windows; a tail
-    shorter than 8 tokens is dropped (as :func:`quality_moe.split_task` drops short records).
-    """
-    records = [r for r in read_records(path) if isinstance(r, str) and not r.strip().startswith("=")]
-    order = list(range(len(records)))
-    random.Random(1234).shuffle(order)
-    wanted = {"test": args.n_test, "val": args.n_score_val, "train": args.n_train}
-    out: dict[str, Examples] = {}
-    start = 0
-    for name, size in wanted.items():
-        ids: list[tuple[int, ...]] = []
-        while len(ids) < size and start < len(order):
-            enc = tok(records[order[start]], add_special_tokens=True)["input_ids"]
-            start += 1
-            ids += [tuple(enc[i:i + args.max_length]) for i in range(0, len(enc), args.max_length)
-                    if len(enc[i:i + args.max_length]) >= 8]
-        if len(ids) < size:
-            raise SystemExit(f"{path}: not enough {args.max_length}-token windows for the {name} split "
-                             f"({len(ids)} < {size}); lower --n-{name.replace('val', 'score-val')} or --max-length")
-        out[name] = Examples(tuple(ids[:size]), f"{path}:{name}")
-    return out
 
 
 def split(text: str) -> list[str]:
@@ -512,8 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = blocks_prefix(base)
     need_other = any(method_parts(m)[2] for m in methods)
     score_tasks = sorted(set(tasks) | (set(TASKS) if need_other else set()))
-    splits = {t: (split_windows if t in WINDOWED else split_task)(str(shared_data(*TASKS[t])), tok, args)
-              for t in score_tasks}
+    splits = {t: split_task(str(shared_data(*TASKS[t])), tok, args, windows=t in WINDOWED) for t in score_tasks}
     t0 = time.perf_counter()
     layerif = {}
     if any(method_parts(m)[1].startswith("layerif") for m in methods):

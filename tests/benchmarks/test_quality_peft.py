@@ -95,11 +95,13 @@ def test_windows_split_keeps_paragraphs_apart(qp, tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("\n\n".join(paragraphs) + "\n")
 
-    def tok(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": [int(w[1:]) if w.startswith("p") else -1 for w in text.split()]}
+    def tok(text: str, add_special_tokens: bool = True, truncation: bool = False,
+            max_length: int | None = None) -> dict[str, list[int]]:
+        ids = [int(w[1:]) if w.startswith("p") else -1 for w in text.split()]
+        return {"input_ids": ids[:max_length] if truncation else ids}
 
     args = qp.parse_args(["--max-length", "10", "--n-test", "4", "--n-score-val", "2", "--n-train", "12"])
-    parts = qp.split_windows(str(path), tok, args)
+    parts = qp.split_task(str(path), tok, args, windows=True)
     assert [len(parts[k].input_ids) for k in ("test", "val", "train")] == [4, 2, 12]
     owners = {k: {t for w in v.input_ids for t in w} for k, v in parts.items()}
     assert -1 not in set().union(*owners.values())  # the heading is not an example
@@ -118,7 +120,7 @@ def test_windows_split_keeps_paragraphs_apart(qp, tmp_path):
         assert n <= sum(1 for x in full if x >= 8)
     args = qp.parse_args(["--max-length", "10", "--n-test", "400"])
     with pytest.raises(SystemExit, match="not enough 10-token windows for the test split"):
-        qp.split_windows(str(path), tok, args)
+        qp.split_task(str(path), tok, args, windows=True)
 
 
 def test_report_pairs_moe_layouts_with_the_uniform_moe_layout(qp):
