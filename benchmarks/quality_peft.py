@@ -419,6 +419,11 @@ def influence_based(name: str) -> bool:
     return "layerif" in name or "alpha" in name
 
 
+def moe_layout(name: str) -> bool:
+    """A LoRA-MoE layout other than the uniform one (paired against ``moe-uniform`` as well)."""
+    return name.startswith("moe-") and name != "moe-uniform"
+
+
 def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_loss: float) -> str:
     ref = {name: {x["seed"]: x["test_loss"] for x in rows if x["method"] == name}
            for name in ("lora", "eva", "moe-uniform")}
@@ -435,7 +440,7 @@ def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_
             name, f"{r[0]['trainable']:,}", "-".join(map(str, layout)), mean_std([x["test_loss"] for x in r]),
             mean_std([x["test_ppl"] for x in r], 2), paired(r, ref["lora"]) if name != "lora" else "-",
             paired(r, ref["eva"]) if name != "eva" else "-",
-            paired(r, ref["moe-uniform"]) if name.startswith("moe-") and name != "moe-uniform" else "-",
+            paired(r, ref["moe-uniform"]) if moe_layout(name) else "-",
             f"{1000 * statistics.mean(x['step_s_wall'] for x in r):.0f} / "
             f"{1000 * statistics.mean(x['step_s_cpu'] for x in r):.0f}",
             f"{max(peak):.0f}" if peak else "-", len(r),
@@ -447,9 +452,9 @@ def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_
                and beats([x for x in rows if x["method"] == name], ref["eva"])]
     verdict = (f"Influence-based layouts with a lower test loss than both uniform LoRA and EVA beyond two standard "
                f"errors (paired): {', '.join(winners) if winners else 'none'}.")
-    moe_winners = [name for name in methods if name.startswith("moe-") and name != "moe-uniform"
+    moe_winners = [name for name in methods if moe_layout(name)
                    and beats([x for x in rows if x["method"] == name], ref["moe-uniform"])]
-    if ref["moe-uniform"] and any(name.startswith("moe-") and name != "moe-uniform" for name in methods):
+    if ref["moe-uniform"] and any(moe_layout(name) for name in methods):
         verdict += (" LoRA-MoE layouts with a lower test loss than the uniform LoRA-MoE layout beyond two standard "
                     f"errors: {', '.join(moe_winners) if moe_winners else 'none'}.")
     return (
