@@ -103,18 +103,21 @@ def layout_beta(name: str, default: float) -> tuple[str, float]:
 
 
 def split_task(path: str, tok, args: argparse.Namespace, windows: bool = False) -> dict[str, Examples]:
-    """Disjoint test / val (LayerIF scoring only) / train examples from one text file (seed 1234).
+    """Disjoint test / val (LayerIF scoring only) / train (/ tune) examples from one text file (seed 1234).
 
     One example per record (truncated to ``args.max_length``), or with ``windows`` every consecutive
     ``args.max_length``-token window of a record (section headings ``= … =`` dropped) — for a text with
     fewer records than examples wanted. Records are shuffled once and dealt to test, then validation, then
-    train, so a record never spans two parts; an example shorter than 8 tokens is dropped.
+    train, then (when ``args.n_tune``) a tune part for choosing a learning rate, so a record never spans two
+    parts; an example shorter than 8 tokens is dropped.
     """
     records = [r for r in read_records(path) if isinstance(r, str)
                and not (windows and r.strip().startswith("="))]
     order = list(range(len(records)))
     random.Random(1234).shuffle(order)
     sizes = {"test": args.n_test, "val": args.n_score_val, "train": args.n_train}
+    if getattr(args, "n_tune", 0):  # dealt last, so the other parts stay what they were without it
+        sizes["tune"] = args.n_tune
     unit = f"{args.max_length}-token windows" if windows else "examples"
     out: dict[str, Examples] = {}
     start = 0

@@ -132,6 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (the curve)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--method-lr", default="", metavar="NAME=LR,…",
+                   help="a method's own learning rate (e.g. adalora=0.01, chosen by --tune-lr); the rest use --lr")
+    p.add_argument("--tune-lr", default="", metavar="LR,…",
+                   help="choose learning rates instead: train every method at each LR and measure the loss on a "
+                        "tune part (--n-tune examples dealt after train; the test part is not read); writes "
+                        "quality_peft_<model>_lr.md with the best LR per method")
+    p.add_argument("--n-tune", type=int, default=64, help="tune-part examples (--tune-lr)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-length", type=int, default=32,
                    help="tokens per example (a WikiText-2 paragraph is cut into windows of this length)")
@@ -149,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.model = "stories260k" if args.model == "smollm2-135m" else args.model
         args.steps, args.eval_every, args.seeds, args.n_train, args.n_test = 6, 3, 2, 32, 16
-        args.n_score_train, args.n_score_val, args.eva_batches = 8, 4, 8
+        args.n_score_train, args.n_score_val, args.eva_batches, args.n_tune = 8, 4, 8, 16
         args.r, args.lora_alpha, args.expert_r, args.max_length = 4, 8, 2, 48
     if args.model == "stories260k":
         args.model = str(stories260k_checkpoint())
@@ -160,6 +167,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         method_parts(name)  # refuses unknown names before any work
     if args.r % args.expert_r:
         p.error(f"--r {args.r} must be a multiple of --expert-r {args.expert_r} (equal expert parameters)")
+    try:
+        args.tune_lr = [float(x) for x in split(args.tune_lr)]
+        args.method_lr = {k.strip(): float(v) for k, _, v in (x.partition("=") for x in split(args.method_lr))}
+    except ValueError as exc:
+        p.error(f"--tune-lr / --method-lr: {exc} (e.g. --tune-lr 1e-3,3e-3 or --method-lr adalora=0.01)")
+    for name in args.method_lr:
+        method_parts(name)
+    if args.tune_lr and args.method_lr:
+        p.error("--method-lr applies to the test run; --tune-lr searches the learning rate (use one)")
+    if any(lr <= 0 for lr in [*args.tune_lr, *args.method_lr.values()]):
+        p.error("learning rates must be > 0")
+    if not args.tune_lr:
+        args.n_tune = 0  # no tune part is dealt: the other parts are the same either way
     return args
 
 
@@ -167,10 +187,20 @@ def split(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def method_lr(args: argparse.Namespace, method: str) -> float:
+    """The learning rate a method trains at: its ``--method-lr`` entry, else ``--lr``."""
+    return args.method_lr.get(method, args.lr)
+
+
 def sizes(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    """What a finished row must share with this run to be reused (LoRA-MoE rows: also how they were sized)."""
+    """What a finished row must share with this run to be reused (LoRA-MoE rows: also how they were sized).
+
+    A row of ``--tune-lr`` (loss on the tune part) also records ``heldout: tune``, so it never stands in
+    for a test-part row.
+    """
     moe = {"moe_params": MOE_PARAMS} if method_parts(method)[0] == "moe" else {}
-    return {**{k: getattr(args, k) for k in SIZE_KEYS}, **moe}
+    tune = {"heldout": "tune", "n_tune": args.n_tune} if args.tune_lr else {}
+    return {**{k: getattr(args, k) for k in SIZE_KEYS}, "lr": method_lr(args, method), **moe, **tune}
 
 
 def method_parts(name: str) -> tuple[str, str, bool]:
@@ -368,7 +398,7 @@ def run_cell(task: str, name: str, seed: int, base: Any, splits: dict[str, Examp
     if method_parts(name)[0] in ("lora", "eva", "adalora"):
         info["ranks"] = layer_ranks(pm, prefix, n_layers)
     callbacks = make_callbacks(splits["test"], pad, args.eval_every, method_parts(name)[0] == "adalora")
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=method_lr(args, name), seed=seed,
                          lr_scheduler="linear", logging_steps=max(1, args.steps))
     t, c = time.perf_counter(), time.process_time()
     metrics = train_adapter(pm, splits["train"], pad, config, show_progress=False, callbacks=callbacks)
@@ -470,6 +500,52 @@ def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_
     )
 
 
+def lr_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per learning rate of ``--tune-lr`` (each is ``--lr`` for every method); else ``[args]``."""
+    if not args.tune_lr:
+        return [args]
+    return [argparse.Namespace(**{**vars(args), "lr": lr}) for lr in args.tune_lr]
+
+
+def lr_overrides(args: argparse.Namespace) -> str:
+    return "".join(f"; {name}: {lr:g}" for name, lr in args.method_lr.items())
+
+
+def best_lr(rows: list[dict[str, Any]], lrs: list[float]) -> tuple[dict[float, list[float]], float | None]:
+    """Tune-part losses per learning rate (seeds) and the rate with the lowest mean (None: nothing measured)."""
+    by = {lr: [r["test_loss"] for r in rows if r["sizes"]["lr"] == lr] for lr in lrs}
+    measured = {lr: statistics.mean(v) for lr, v in by.items() if v}
+    return by, (min(measured, key=measured.__getitem__) if measured else None)
+
+
+def lr_report(task: str, all_rows: list[dict[str, Any]], methods: list[str], args: argparse.Namespace,
+              base_loss: float) -> str:
+    """Per method: the mean loss on the tune part at each learning rate, and the best one."""
+    table = []
+    for name in methods:
+        rows = [r for r in all_rows if r["task"] == task and r["method"] == name
+                and any(r.get("sizes") == sizes(a, name) for a in lr_runs(args))]
+        by, best = best_lr(rows, args.tune_lr)
+        table.append([name, *(mean_std(v) if v else "-" for v in by.values()), f"{best:g}" if best else "-"])
+    return (f"### {task}\n\nBase model without adapter: tune loss {base_loss:.4f}.\n\n"
+            + markdown_table(["method", *(f"lr {lr:g}" for lr in args.tune_lr), "best lr"], table) + "\n")
+
+
+def write_lr_report(stem: Path, args: argparse.Namespace, reports: list[str], base_losses: dict[str, float],
+                    all_rows: list[dict[str, Any]], command: str) -> int:
+    """The learning-rate search's markdown / JSON (``<stem>.md`` / ``.json``), printed too."""
+    text = (f"# Learning rates chosen on a tune part (`{args.model}`)\n\nEvery method trained as in the test run "
+            f"({args.steps} steps, batch {args.batch_size} × ≤ {args.max_length} tokens, seeds 0..{args.seeds - 1}) "
+            f"at each learning rate; loss on {args.n_tune} tune examples per task, dealt after the training part "
+            "(the test part is not read). Mean ± std over seeds.\n\n" + "\n".join(reports)
+            + f"\nCommand: {command}. Use a best rate in the test run with `--method-lr NAME=LR`.\n")
+    tuned = [r for r in all_rows if r.get("sizes", {}).get("heldout") == "tune"]
+    atomic_write_text(stem.with_suffix(".md"), text)
+    atomic_write_json(stem.with_suffix(".json"), {"args": vars(args), "base": base_losses, "rows": tuned})
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -479,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = model_tag(args.model)
     jsonl = out / f"quality_peft_{tag}.jsonl"
-    rows = [r for r in read_rows(jsonl) if r.get("sizes") == sizes(args, r["method"])]
+    all_rows = read_rows(jsonl)
+    rows = [r for r in all_rows if r.get("sizes") == sizes(args, r["method"])]
     base, tok = load_model_and_tokenizer(args.model, device=args.device)
     base.requires_grad_(False)
     pad = pad_id_of(tok)
@@ -503,17 +580,28 @@ def main(argv: list[str] | None = None) -> int:
         own = {**fixed, **({"layerif": layerif[task]} if task in layerif else {})}
         other_task = next((t for t in TASKS if t != task), None)
         other = {"layerif": layerif[other_task]} if need_other else {}
-        base_losses[task] = heldout_loss(base, splits[task]["test"], pad)["loss"]
-        for name in methods:
-            for seed in range(args.seeds):
-                if any(r["task"] == task and r["method"] == name and r["seed"] == seed for r in rows):
-                    continue
-                row = run_cell(task, name, seed, base, splits[task], pad, own, other, args, prefix)
-                append_row(jsonl, row)
-                rows.append(row)
-                tqdm.write(f"{task:11s} {name:22s} seed {seed}: test loss {row['test_loss']:.4f} "
-                           f"({row['trainable']:,} params, {1000 * row['step_s_wall']:.0f} ms/step)")
-        reports.append(task_report(task, [r for r in rows if r["task"] == task], methods, base_losses[task]))
+        parts = {**splits[task], "test": splits[task]["tune"]} if args.tune_lr else splits[task]
+        base_losses[task] = heldout_loss(base, parts["test"], pad)["loss"]
+        for run_args in lr_runs(args):
+            done = [r for r in all_rows if r["task"] == task and r.get("sizes") == sizes(run_args, r["method"])]
+            for name in methods:
+                for seed in range(args.seeds):
+                    if any(r["method"] == name and r["seed"] == seed for r in done):
+                        continue
+                    row = run_cell(task, name, seed, base, parts, pad, own, other, run_args, prefix)
+                    append_row(jsonl, row)
+                    all_rows.append(row)
+                    rows.append(row)
+                    tqdm.write(f"{task:11s} {name:22s} seed {seed} lr {method_lr(run_args, name):g}: "
+                               f"{'tune' if args.tune_lr else 'test'} loss {row['test_loss']:.4f} "
+                               f"({row['trainable']:,} params, {1000 * row['step_s_wall']:.0f} ms/step)")
+        if args.tune_lr:
+            reports.append(lr_report(task, all_rows, methods, args, base_losses[task]))
+        else:
+            reports.append(task_report(task, [r for r in rows if r["task"] == task], methods, base_losses[task]))
+    command = f"`python benchmarks/quality_peft.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+    if args.tune_lr:
+        return write_lr_report(out / f"quality_peft_{tag}_lr", args, reports, base_losses, all_rows, command)
     score_lines = "\n".join(f"- LayerIF on {t}: " + ", ".join(f"{s:.4g}" for s in v.scores)
                             for t, v in layerif.items())
     score_lines += "".join(f"\n- {k}: " + ", ".join(f"{s:.4g}" for s in v.scores) for k, v in fixed.items())
@@ -521,12 +609,12 @@ def main(argv: list[str] | None = None) -> int:
         f"# PEFT layouts at equal trainable parameters (`{args.model}`)\n\n"
         f"LoRA r = {args.r} (α {args.lora_alpha}) on {args.targets}; rank patterns at spread {args.spread}; "
         f"LoRA-MoE: experts of rank {args.expert_r}, as many as fit in LoRA's parameters; {args.steps} AdamW "
-        f"steps (lr {args.lr}, linear decay), batch {args.batch_size} × ≤ {args.max_length} tokens, "
+        f"steps (lr {args.lr}{lr_overrides(args)}, linear decay), batch {args.batch_size} × ≤ {args.max_length} "
+        "tokens, "
         f"{args.n_train} training / {args.n_test} test examples per task; seeds 0..{args.seeds - 1} (adapter init + "
         "batch order). Paired differences: same seed, ± standard error; `*` = beyond two standard errors.\n\n"
         + "\n".join(reports)
-        + f"\nScores:\n{score_lines}\n\nScoring time: {score_time:.1f} s. Command: "
-        f"`python benchmarks/quality_peft.py {' '.join(sys.argv[1:] if argv is None else argv)}`.\n"
+        + f"\nScores:\n{score_lines}\n\nScoring time: {score_time:.1f} s. Command: {command}.\n"
     )
     atomic_write_text(out / f"quality_peft_{tag}.md", text)
     atomic_write_json(out / f"quality_peft_{tag}.json", {"args": vars(args), "base": base_losses, "rows": rows,

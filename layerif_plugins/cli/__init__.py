@@ -60,20 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only; restored after)."""
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` and SIGINT into ``KeyboardInterrupt`` while a command runs.
+
+    Each signal is also appended to ``received``: a host library may swallow or replace the
+    exception on its way up (llm-compressor 0.14's ``auto_wrapper.visit_Call`` turns a Ctrl-C
+    that lands inside it into ``UnboundLocalError``), and :func:`main` still has to exit 130 /
+    143 then. SIGINT keeps its disposition when the caller ignores it (``nohup``, a
+    background job). Main thread only; the previous handlers are restored after.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise Terminated(signum)
+        received.append(signum)
+        raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    wanted = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        wanted.append(signal.SIGINT)
+    previous = {s: signal.signal(s, handler) for s in wanted}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def _os_error(exc: OSError) -> str:
@@ -93,24 +105,40 @@ def main(argv: list[str] | None = None) -> int:
     spec = getattr(args, "path_spec", None)
     out_dirs = [getattr(args, d) for d in (spec.dirs if spec else ()) if getattr(args, d, None)]
 
+    received: list[int] = []
     try:
-        with _sigterm_raises():
+        with _signals_raise(received):
             approved = check_paths(args)  # before any work: --out type, writability, --overwrite, inputs
             with replacing(*approved), command_console(args.command, verbose=args.verbose, out_dirs=out_dirs):
                 return int(args.func(args) or 0)
-    except LayerIFError as exc:
+    except BaseException as exc:
+        code = _exit_code(name, exc, received)
+        if code is None:
+            raise
+        return code
+
+
+def _exit_code(name: str, exc: BaseException, received: list[int]) -> int | None:
+    """Print the one-line error for ``exc`` and return the exit code; None: not ours to handle (a bug: re-raise).
+
+    A signal received while the command ran decides the code whatever exception it became on
+    its way up (see :func:`_signals_raise`); the original traceback goes to the debug log.
+    """
+    if received or isinstance(exc, (KeyboardInterrupt, Terminated)):
+        sigterm = isinstance(exc, Terminated) or (received and received[0] == signal.SIGTERM)
+        if not isinstance(exc, (KeyboardInterrupt, Terminated)):
+            logging.getLogger(__name__).debug("signal arrived as %s", type(exc).__name__, exc_info=exc)
+        what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+        print(f"{name}: error: {what}; nothing half-written was left behind", file=sys.stderr)
+        return 143 if sigterm else 130
+    if isinstance(exc, LayerIFError):
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{name}: error: interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{name}: error: terminated (SIGTERM); nothing half-written was left behind", file=sys.stderr)
-        return 143
-    except OSError as exc:
-        logging.getLogger(__name__).debug("operating-system error", exc_info=True)
+    if isinstance(exc, OSError):
+        logging.getLogger(__name__).debug("operating-system error", exc_info=exc)
         print(f"{name}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
+    return None
 
 
 def console_main() -> int:

@@ -137,3 +137,40 @@ def test_report_pairs_moe_layouts_with_the_uniform_moe_layout(qp):
     assert f"| {statistics.mean(d):+.4f} ± {se:.4f} * |" in line  # −0.0183 ± 0.0017: beyond two SE
     assert next(x for x in report.splitlines() if x.startswith("| lora-layerif |")).count("| - |") == 1
     assert "than the uniform LoRA-MoE layout beyond two standard errors: moe-layerif:2.5." in report
+
+
+def test_lr_options_are_parsed_and_refused_early(qp):
+    args = qp.parse_args(["--method-lr", "adalora=0.01, eva=3e-3"])
+    assert args.method_lr == {"adalora": 0.01, "eva": 0.003} and args.tune_lr == [] and args.n_tune == 0
+    assert qp.method_lr(args, "adalora") == 0.01 and qp.method_lr(args, "lora") == args.lr == 1e-3
+    assert qp.sizes(args, "adalora")["lr"] == 0.01 and "heldout" not in qp.sizes(args, "adalora")
+    tune = qp.parse_args(["--tune-lr", "1e-3,1e-2"])
+    assert tune.tune_lr == [1e-3, 1e-2] and tune.n_tune == 64
+    assert qp.sizes(tune, "lora")["heldout"] == "tune"
+    assert [a.lr for a in qp.lr_runs(tune)] == [1e-3, 1e-2]
+    for bad in (["--method-lr", "adalora=fast"], ["--method-lr", "nope=0.1"], ["--tune-lr", "0,1e-3"],
+                ["--tune-lr", "1e-3", "--method-lr", "adalora=0.01"]):
+        with pytest.raises(SystemExit):
+            qp.parse_args(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_lr_search_reads_the_tune_part_and_keeps_its_rows_apart(qp, tmp_path, capsys):
+    """`--tune-lr` trains at each rate, measures a part dealt after train, and its rows never serve a test run."""
+    argv = ["--quick", "--tasks", "shakespeare", "--methods", "lora", "--out", str(tmp_path)]  # 2 seeds
+    assert qp.main([*argv, "--tune-lr", "1e-3,1e-2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
+    assert [(r["sizes"]["lr"], r["sizes"]["heldout"], r["seed"]) for r in rows] == [
+        (1e-3, "tune", 0), (1e-3, "tune", 1), (1e-2, "tune", 0), (1e-2, "tune", 1)]
+    mean = {lr: statistics.mean(r["test_loss"] for r in rows if r["sizes"]["lr"] == lr) for lr in (1e-3, 1e-2)}
+    best = min(mean, key=mean.__getitem__)
+    report = (tmp_path / "quality_peft_stories260K_lr.md").read_text()
+    assert report.count(f"| {best:g} |") == 1 and "the test part is not read" in report
+    assert qp.main([*argv, "--method-lr", f"lora={best}"]) == 0  # the test run does not reuse a tune row
+    rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
+    tuned = {r["seed"]: r["test_loss"] for r in rows[:4] if r["sizes"]["lr"] == best}
+    assert len(rows) == 6 and all("heldout" not in r["sizes"] and r["sizes"]["lr"] == best for r in rows[4:])
+    assert all(r["test_loss"] != tuned[r["seed"]] for r in rows[4:])  # measured on the test part, not tune
+    assert f"lora: {best:g}" in (tmp_path / "quality_peft_stories260K.md").read_text()
+    capsys.readouterr()
