@@ -98,10 +98,11 @@ SPLIT_SEED = 1234
 #: row fields that must match for a JSONL row to count as done (the run's sizes)
 SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_docs", "min_tokens", "batch_size",
              "n_holdout", "sensitivity_examples", "confirm_examples", "planner_allocation", "sensitivity_around",
-             "max_moves")
+             "max_moves", "judge_orders")
 #: value of a size key in rows written before the key existed
 SIZE_DEFAULTS = {"batch_size": 1, "n_holdout": 32, "sensitivity_examples": 16, "confirm_examples": 0,
-                 "planner_allocation": "auto", "sensitivity_around": "dense", "max_moves": 8}
+                 "planner_allocation": "auto", "sensitivity_around": "dense", "max_moves": 8,
+                 "judge_orders": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confirm-examples", type=int, default=0,
                    help="planner cells: the last N held-out examples judge only auto's final choice (raise "
                         "--n-holdout by as many to keep the search's own)")
+    p.add_argument("--judge-orders", type=int, default=1,
+                   help="planner cells: auto prunes each finalist at this many calibration orders and judges the "
+                        "average (SparseGPT at high sparsity moves with the float order; +1 pass per finalist each)")
     p.add_argument("--n-calib", type=int, default=128, help="calibration examples")
     p.add_argument("--max-length", type=int, default=16, help="tokens per calibration example")
     p.add_argument("--batch-size", type=int, default=16,
@@ -419,10 +423,11 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
                         holdout_length=args.planner_holdout_length, budget_prunes=args.budget_prunes,
                         sensitivity_levels=args.sensitivity_levels,
                         sensitivity_examples=args.sensitivity_examples, confirm_examples=args.confirm_examples,
-                        overwrite=True, show_progress=False)
+                        judge_orders=args.judge_orders, overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
     variant = "".join(f"_{k}-{getattr(args, k)}" for k in ("planner_allocation", "sensitivity_around", "max_moves",
-                                                            "confirm_examples") if getattr(args, k) != SIZE_DEFAULTS[k])
+                                                            "confirm_examples", "judge_orders")
+                      if getattr(args, k) != SIZE_DEFAULTS[k])
     shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
                 f"{cell['sparsity']}_{cell['seed']}{variant}.json")
     rows = []

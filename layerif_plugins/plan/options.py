@@ -71,6 +71,7 @@ CHECKS: dict[str, Any] = {
     "sensitivity_examples": lambda v: _positive_int("sensitivity_examples", v, allow_none=False),
     "max_moves": lambda v: _nonneg_int("max_moves", v),
     "confirm_examples": lambda v: _nonneg_int("confirm_examples", v),
+    "judge_orders": lambda v: _positive_int("judge_orders", v, allow_none=False),
     "sensitivity_around": lambda v: _one_of("sensitivity_around", v, SENSITIVITY_AROUND),
 }
 
@@ -130,6 +131,11 @@ class AllocationOptions:
             ATP, the best of the rest), never the search that chose those finalists, so a margin won by picking the
             best of many candidates on the same examples does not decide; 0 = one held-out set for both. Costs no
             pruning pass (each candidate is measured on every held-out example once).
+        judge_orders: auto: prune each finalist (uniform, the best ATP, the best of each other provider) at this many
+            orders of the calibration batches and judge the per-example losses averaged over them; 1 = the search's
+            order only. For SparseGPT at high sparsity, whose result moves with the floating-point order (the same
+            list gave up to 27 % different perplexity, docs/quality.md §0): a finalist that wins at one order only
+            does not decide. Costs ``(judge_orders - 1)`` pruning passes per finalist, reserved from budget_prunes.
     """
 
     allocation: str = "layerif"
@@ -146,6 +152,7 @@ class AllocationOptions:
     max_moves: int = 8
     sensitivity_around: str = "dense"
     confirm_examples: int = 0
+    judge_orders: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -154,6 +161,9 @@ class AllocationOptions:
             # spreads belong to score mappings; ATP's knob is beta (uniform ignores a spread, as it always did)
             raise ConfigError(f"epsilon is the spread of a score mapping; allocation {self.allocation!r} has none "
                               "(ATP's knob is beta): leave epsilon out")
+        if self.judge_orders > 1 and self.allocation != "auto":
+            raise ConfigError(f"judge_orders rechecks the finalists of allocation 'auto'; allocation "
+                              f"{self.allocation!r} keeps its lowest held-out candidate: leave judge_orders at 1")
         if self.confirm_examples and self.allocation != "auto":
             raise ConfigError(f"confirm_examples judges the final choice of allocation 'auto'; allocation "
                               f"{self.allocation!r} keeps its lowest held-out candidate: leave confirm_examples at 0")

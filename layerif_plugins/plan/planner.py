@@ -21,6 +21,14 @@ last ``confirm_examples`` of them are kept out of everything the search sees (ea
 loss, the providers' choices, the sensitivity moves) and judge only ``auto``'s final rule. Why: the
 finalists are each the best of several candidates on the search's examples, so their margin there
 is biased upwards (measured on SmolLM2 Wanda 60 %: 21 % held-out gain over ATP, 3.6 % on test).
+
+**Calibration orders** (``orders``): ``auto``'s finalists are pruned again at ``orders - 1`` other
+orders of the calibration batches (``evaluate_at(list, order)``; the same data, so only the floating-point
+order of the accumulated statistics differs) and judged on their per-example losses averaged over the
+orders. Why: SparseGPT at 70 % is numerically chaotic — the same list, one rounding apart, moved the
+test perplexity of SmolLM2 by up to 27 % (docs/quality.md §0) — so a finalist that wins at one order
+only is luck the delivered model may not have. The search itself (which candidates, which knobs) stays
+at order 0; the rechecks are reserved from ``budget.prunes`` ((orders − 1) per provider).
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ class Evaluation:
 
 
 Evaluator = Callable[[list[float]], Evaluation]
+#: ``evaluate_at(layer_sparsity, order)``: the same pruning pass at another calibration order (0 = ``evaluate``)
+OrderedEvaluator = Callable[[list[float], int], Evaluation]
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,9 @@ class Candidate:
     vs_uniform: dict[str, float] | None = None  # paired mean difference and its standard error
     confirm_loss: float | None = None  # on the confirmation slice (``confirm_examples``), when there is one
     confirm_example_losses: list[float] | None = None
+    order_losses: list[float] | None = None  # finalists with ``orders`` > 1: the search-part loss at each order
+    order_example_losses: list[list[float]] | None = None  # … and the per-example losses at each order
+    order_confirm_example_losses: list[list[float]] | None = None
     seconds: float = 0.0
     same_as: int | None = None
     error: str | None = None
@@ -118,14 +131,15 @@ class Candidate:
 class Journal:
     """Evaluated candidates on disk (JSON lines), so a search resumes after an interruption.
 
-    Keyed by the per-layer list and a context string (model, algorithm, target, held-out
+    Keyed by the per-layer list, the calibration order (0 unless ``orders`` > 1; rows written
+    before orders existed are order 0) and a context string (model, algorithm, target, held-out
     and calibration fingerprints): a journal of another search is never reused.
     """
 
     def __init__(self, path: str | Path | None, context: str):
         self.path = Path(path) if path is not None else None
         self.context = context
-        self.rows: dict[tuple[int, ...], Evaluation] = {}
+        self.rows: dict[tuple[int, tuple[int, ...]], Evaluation] = {}
         if self.path is not None and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -133,18 +147,19 @@ class Journal:
                 except json.JSONDecodeError:  # a line cut by a kill: ignore it
                     continue
                 if isinstance(row, dict) and row.get("context") == context:
-                    self.rows[_key(row["layer_sparsity"])] = Evaluation(row["sums"], row["counts"], row["seconds"])
+                    key = (int(row.get("order", 0)), _key(row["layer_sparsity"]))
+                    self.rows[key] = Evaluation(row["sums"], row["counts"], row["seconds"])
 
-    def get(self, layer_sparsity: Sequence[float]) -> Evaluation | None:
-        return self.rows.get(_key(layer_sparsity))
+    def get(self, layer_sparsity: Sequence[float], order: int = 0) -> Evaluation | None:
+        return self.rows.get((order, _key(layer_sparsity)))
 
-    def add(self, layer_sparsity: Sequence[float], ev: Evaluation) -> None:
-        self.rows[_key(layer_sparsity)] = ev
+    def add(self, layer_sparsity: Sequence[float], ev: Evaluation, order: int = 0) -> None:
+        self.rows[(order, _key(layer_sparsity))] = ev
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"context": self.context, "layer_sparsity": list(layer_sparsity), "sums": ev.sums,
-                           "counts": ev.counts, "seconds": ev.seconds})
+                           "counts": ev.counts, "seconds": ev.seconds, **({"order": order} if order else {})})
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()
@@ -181,6 +196,8 @@ def plan_allocation(
     show_progress: bool = False,
     on_candidate: Callable[[Candidate], None] | None = None,
     confirm_examples: int = 0,
+    orders: int = 1,
+    evaluate_at: OrderedEvaluator | None = None,
 ) -> SearchResult:
     """Try the providers' candidates within ``budget`` and choose one (see the module docstring)."""
     if not providers:
@@ -189,11 +206,20 @@ def plan_allocation(
         raise ConfigError(f"decision must be 'lowest' or 'auto', got {decision!r}")
     if isinstance(confirm_examples, bool) or not isinstance(confirm_examples, int) or confirm_examples < 0:
         raise ConfigError(f"confirm_examples must be an integer >= 0, got {confirm_examples!r}")
+    if isinstance(orders, bool) or not isinstance(orders, int) or orders < 1:
+        raise ConfigError(f"judge_orders must be an integer >= 1, got {orders!r}")
+    if orders > 1 and (decision != "auto" or evaluate_at is None):
+        raise ConfigError("judge_orders > 1 rechecks the finalists of allocation 'auto' at other calibration orders; "
+                          + ("it needs evaluate_at(layer_sparsity, order)" if decision == "auto" else
+                             f"decision {decision!r} has no finalists: leave judge_orders at 1"))
     budget = budget or Budget()
     need = min_prunes(decision, providers)
-    if budget.prunes is not None and budget.prunes < need:
+    reserve = recheck_prunes(orders, providers)
+    if budget.prunes is not None and budget.prunes < need + reserve:
         raise AllocationError(f"a budget of {budget.prunes} pruning pass(es) cannot try the candidates: "
-                              f"{decision} needs at least {need}; raise the budget")
+                              f"{decision} needs at least {need}"
+                              + (f" plus {reserve} to recheck its finalists at {orders - 1} other calibration "
+                                 f"order(s)" if reserve else "") + "; raise the budget")
     journal = journal or Journal(None, "")
     t0 = time.perf_counter()
     cands: list[Candidate] = []
@@ -204,7 +230,7 @@ def plan_allocation(
     bar = tqdm(total=budget.prunes, desc="planning: candidates", unit="prune", disable=not show_progress)
 
     def spent() -> bool:
-        if budget.prunes is not None and passes >= budget.prunes:
+        if budget.prunes is not None and passes >= budget.prunes - reserve:
             return True
         return budget.seconds is not None and time.perf_counter() - t0 >= budget.seconds
 
@@ -266,18 +292,74 @@ def plan_allocation(
                         break
                 if exhausted:
                     break
+        ok = [i for i, c in enumerate(cands) if c.ok]
+        if not ok:
+            raise AllocationError("no candidate of the plan could be evaluated: " + "; ".join(
+                f"{c.provider} {c.knobs}: {c.error or c.status}" for c in cands))
+        if orders > 1:
+            assert evaluate_at is not None
+            new, again = _recheck_finalists(cands, _finalists(cands, providers), evaluate_at, orders, journal,
+                                            confirm_examples, bar)
+            passes, resumed = passes + new, resumed + again
     finally:
         bar.close()
-    ok = [i for i, c in enumerate(cands) if c.ok]
-    if not ok:
-        raise AllocationError("no candidate of the plan could be evaluated: " + "; ".join(
-            f"{c.provider} {c.knobs}: {c.error or c.status}" for c in cands))
     _paired_vs_uniform(cands)
-    chosen, why, rule = _decide(cands, providers, decision, sigmas, confirm_examples)
+    chosen, why, rule = _decide(cands, providers, decision, sigmas, confirm_examples, orders)
     cost = {"seconds": time.perf_counter() - t0, "prunes": passes, "resumed": resumed,
             "evaluated_seconds": sum(c.seconds for c in cands if c.status in ("evaluated", "resumed")),
             "budget": budget.to_dict(), "budget_exhausted": exhausted}
     return SearchResult(cands, chosen, {"rule": rule, "why": why}, cost)
+
+
+def recheck_prunes(orders: int, providers: Sequence[Provider]) -> int:
+    """Pruning passes reserved for ``auto``'s rechecks: one per finalist (a provider) and extra order."""
+    return (orders - 1) * len({p.name for p in providers}) if orders > 1 else 0
+
+
+def _finalists(cands: list[Candidate], providers: Sequence[Provider]) -> list[int]:
+    """``auto``'s finalists: the lowest-loss candidate of each provider, in order of simplicity."""
+    rank = {p.name: (p.simplicity, k) for k, p in enumerate(providers)}
+    best: dict[str, int] = {}
+    for i, c in enumerate(cands):
+        if c.ok and (c.provider not in best or c.loss < cands[best[c.provider]].loss):  # type: ignore[operator]
+            best[c.provider] = i
+    return [best[n] for n in sorted(best, key=lambda n: rank.get(n, (9, 0)))]
+
+
+def _recheck_finalists(cands: list[Candidate], idx: Sequence[int], evaluate_at: OrderedEvaluator, orders: int,
+                       journal: Journal, confirm_examples: int, bar: Any) -> tuple[int, int]:
+    """Prune each finalist again at calibration orders ``1 … orders - 1``; ``(new passes, resumed)``."""
+    passes = resumed = 0
+    for i in idx:
+        c = cands[i]
+        assert c.layer_sparsity is not None and c.example_losses is not None and c.loss is not None
+        losses, per_example, confirm = [c.loss], [c.example_losses], [c.confirm_example_losses or []]
+        for order in range(1, orders):
+            ev = journal.get(c.layer_sparsity, order)
+            if ev is None:
+                ev = evaluate_at(list(c.layer_sparsity), order)
+                journal.add(c.layer_sparsity, ev, order)
+                passes += 1
+                bar.update(1)
+            else:
+                resumed += 1
+            search, held_back = ev.split(confirm_examples)
+            losses.append(token_mean(search.sums, search.counts))
+            per_example.append(example_losses(search.sums, search.counts))
+            confirm.append(example_losses(held_back.sums, held_back.counts) if held_back is not None else [])
+            logger.info("plan: %s %s at calibration order %d → held-out perplexity %.4f", c.provider, c.knobs, order,
+                        math.exp(losses[-1]))
+        c.order_losses, c.order_example_losses = losses, per_example
+        c.order_confirm_example_losses = confirm if confirm_examples else None
+    return passes, resumed
+
+
+def _over_orders(c: Candidate, confirm: bool) -> list[float] | None:
+    """A finalist's per-example losses, averaged over the calibration orders it was pruned at."""
+    lists = c.order_confirm_example_losses if confirm else c.order_example_losses
+    if lists is None:
+        return c.confirm_example_losses if confirm else c.example_losses
+    return [sum(v) / len(v) for v in zip(*lists, strict=True)]
 
 
 def _paired_vs_uniform(cands: list[Candidate]) -> None:
@@ -298,7 +380,7 @@ def _label(c: Candidate) -> str:
 
 
 def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Decision, sigmas: float,
-            confirm_examples: int = 0) -> tuple[int, list[str], str]:
+            confirm_examples: int = 0, orders: int = 1) -> tuple[int, list[str], str]:
     ok = [i for i, c in enumerate(cands) if c.ok]
     if decision == "lowest":
         best = ok[0]
@@ -309,27 +391,25 @@ def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Dec
                       f"(perplexity {cands[best].perplexity:.4f})"], \
             "lowest held-out loss; a later candidate must be strictly lower (uniform first keeps ties)"
     # auto: the best candidate of each provider, in order of simplicity (uniform, ATP, the rest)
-    rank = {p.name: (p.simplicity, k) for k, p in enumerate(providers)}
-    finalists: dict[str, int] = {}
-    for i in ok:
-        name = cands[i].provider
-        if name not in finalists or cands[i].loss < cands[finalists[name]].loss:  # type: ignore[operator]
-            finalists[name] = i
-    order = sorted(finalists, key=lambda n: rank.get(n, (9, 0)))
-    idx = [finalists[n] for n in order]
+    idx = _finalists(cands, providers)
     labels = [_label(cands[i]) for i in idx]
     rule = (f"keep the simpler candidate (uniform, then ATP, then the others) unless another beats it "
             f"by more than {sigmas:g} paired standard errors of the per-example held-out loss")
-    search_losses = [cands[i].example_losses for i in idx]
+    notes = []
+    if orders > 1:
+        rule += f", averaged over {orders} calibration orders"
+        notes.append(f"each finalist pruned at {orders} calibration orders; per-example losses averaged over them")
+    search_losses = [_over_orders(cands[i], confirm=False) for i in idx]
     if not confirm_examples:
         k, why = choose_simplest(labels, search_losses, sigmas)  # type: ignore[arg-type]
-        return idx[k], why, rule
+        return idx[k], [*notes, *why], rule
     # the finalists and the challenger come from the search's examples; the slice it never saw judges them
-    k, why = choose_simplest(labels, [cands[i].confirm_example_losses for i in idx], sigmas,  # type: ignore[misc]
+    k, why = choose_simplest(labels, [_over_orders(cands[i], confirm=True) for i in idx], sigmas,  # type: ignore[misc]
                              pick=search_losses)  # type: ignore[arg-type]
-    return idx[k], [f"judged on the {confirm_examples} confirmation examples (the search never saw them)", *why], \
-        rule + f", judged on the last {confirm_examples} held-out examples, which the search did not see"
+    return idx[k], [f"judged on the {confirm_examples} confirmation examples (the search never saw them)", *notes,
+                    *why], rule + f", judged on the last {confirm_examples} held-out examples, which the search did " \
+                                  "not see"
 
 
-__all__ = ["Budget", "Candidate", "Decision", "Evaluation", "Evaluator", "Journal", "SearchResult", "min_prunes",
-           "plan_allocation"]
+__all__ = ["Budget", "Candidate", "Decision", "Evaluation", "Evaluator", "Journal", "OrderedEvaluator", "SearchResult",
+           "min_prunes", "plan_allocation", "recheck_prunes"]

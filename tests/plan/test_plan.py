@@ -223,6 +223,68 @@ def test_confirmation_slice_judges_only_the_final_choice():
     assert AllocationOptions(allocation="auto", confirm_examples=4).confirm_examples == 4
 
 
+def test_judge_orders_average_the_finalists_over_calibration_orders(tmp_path):
+    """``orders``: each finalist is pruned again at the other calibration orders and judged on the average.
+
+    A made-up chaotic host: at order 0 every ATP list is 0.5 nats/example better than uniform, at order 1
+    0.6 worse (uniform itself does not move). One order: ATP wins; two: the average says ATP is worse
+    (−0.5 + 0.6 = +0.05 per example), so auto keeps uniform. Two finalists → two rechecks (one per extra
+    order), reserved from the budget, journaled and resumed like any candidate.
+    """
+    params, target = [1.0] * 5, 0.5
+    uni = [5.5, 5.6, 5.4, 5.5, 5.7, 5.3, 5.5, 5.6]
+    jitter = [0.0, 0.01, -0.02, 0.03, 0.0, -0.01, 0.02, 0.0]
+    calls: list[int] = []
+
+    def evaluate_at(ls, order):
+        calls.append(order)
+        atp = max(ls) - min(ls) > 1e-9
+        shift = (-0.5 if order == 0 else 0.6) if atp else 0.0
+        per = [u + shift + (j if atp else 0.0) for u, j in zip(uni, jitter, strict=True)]
+        return Evaluation([x * 10 for x in per], [10] * len(per), 0.0)
+
+    def evaluate(ls):
+        return evaluate_at(ls, 0)
+
+    providers = [Uniform(5, target), ATP(params, target)]
+    one = plan_allocation(providers, evaluate, decision="auto")
+    assert one.winner.provider == "atp" and one.winner.order_losses is None
+    path = tmp_path / "journal.jsonl"
+    two = plan_allocation(providers, evaluate, decision="auto", orders=2, evaluate_at=evaluate_at,
+                          journal=Journal(path, "ctx"))
+    assert two.winner.provider == "uniform"
+    assert two.cost["prunes"] == one.cost["prunes"] + 2 and calls.count(1) == 2
+    finalists = [c for c in two.candidates if c.order_losses is not None]
+    assert [c.provider for c in finalists] == ["uniform", "atp"]
+    atp = finalists[1]
+    assert atp.order_losses[0] == pytest.approx(atp.loss)
+    assert atp.order_losses[1] == pytest.approx(sum(uni) / 8 + 0.6 + sum(jitter) / 8)
+    assert atp.order_example_losses[1] == pytest.approx([u + 0.6 + j for u, j in zip(uni, jitter, strict=True)])
+    assert "averaged over 2 calibration orders" in two.decision["rule"]
+    assert "atp(beta=" in two.decision["why"][-1] and "worse" in two.decision["why"][-1]
+    # the order-1 rows are in the journal: a rerun resumes them and prunes nothing
+    calls.clear()
+    again = plan_allocation(providers, evaluate, decision="auto", orders=2, evaluate_at=evaluate_at,
+                            journal=Journal(path, "ctx"))
+    assert calls == [] and again.cost["prunes"] == 0 and again.winner.provider == "uniform"
+    # the rechecks are reserved: the search itself gets budget − 2 passes
+    small = plan_allocation(providers, evaluate, decision="auto", orders=2, evaluate_at=evaluate_at,
+                            budget=Budget(prunes=5))
+    assert small.cost["prunes"] == 5 and small.cost["budget_exhausted"]
+    with pytest.raises(AllocationError, match="plus 2 to recheck its finalists at 1 other calibration order"):
+        plan_allocation(providers, evaluate, decision="auto", orders=2, evaluate_at=evaluate_at,
+                        budget=Budget(prunes=3))
+    with pytest.raises(ConfigError, match="decision 'lowest' has no finalists"):
+        plan_allocation(providers, evaluate, orders=2, evaluate_at=evaluate_at)
+    with pytest.raises(ConfigError, match="needs evaluate_at"):
+        plan_allocation(providers, evaluate, decision="auto", orders=2)
+    with pytest.raises(ConfigError, match="judge_orders must be an integer >= 1"):
+        plan_allocation(providers, evaluate, decision="auto", orders=0)
+    with pytest.raises(ConfigError, match="judge_orders rechecks the finalists of allocation 'auto'"):
+        AllocationOptions(allocation="atp", judge_orders=2)
+    assert AllocationOptions(allocation="auto", judge_orders=3).judge_orders == 3
+
+
 def test_challenger_is_picked_on_the_search_lists():
     base = [2.0, 2.5, 3.0, 2.2]
     good, lucky = [x - 0.5 for x in base], [x - 0.1 for x in base]

@@ -256,6 +256,8 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
     :param beta: ATP's slope; None = searched
     :param budget_prunes / budget_seconds: the most a search may spend
     :param sigmas: ``auto``'s margin in paired standard errors
+    :param judge_orders: ``auto``: calibration orders each finalist is pruned at (the decision averages
+        them; for SparseGPT at high sparsity, whose result moves with the floating-point order)
     :param holdout: calibration batches a search holds out for the held-out loss: a count, or
         a fraction of the batches (evenly spaced); the other batches prune the candidates
     :param targets: ``None`` (default) or ``Linear``: the model's decoder blocks
@@ -285,6 +287,7 @@ class LayerIFSparsityModifierBase(SparsityModifierBase):
     max_moves: int = 8
     sensitivity_around: Literal["dense", "uniform"] = "dense"
     confirm_examples: int = 0
+    judge_orders: int = 1
     holdout: int | float = 0.125
 
     _allocation_info: dict[str, Any] = PrivateAttr(default_factory=dict)

@@ -70,16 +70,31 @@ def _held_out_losses(model: torch.nn.Module, held: Examples) -> tuple[list[float
     return example_token_losses(model, held, pad_id=0)
 
 
+def calibration_order(batches: list[Batch], order: int) -> list[Batch]:
+    """The calibration batches in their ``order``-th order: the first ``order`` moved to the end.
+
+    The same data, so the same statistics in exact arithmetic; only the floating-point order in which
+    llm-compressor accumulates them (SparseGPT's Hessians, Wanda's row norms) differs — what the
+    ``judge_orders`` rechecks vary.
+    """
+    if not 0 <= order < max(len(batches), 1):
+        raise ConfigError(f"calibration order {order} needs more than {order} calibration batches, got "
+                          f"{len(batches)}: lower judge_orders or pass more calibration data")
+    return batches[order:] + batches[:order]
+
+
 def make_evaluator(model: torch.nn.Module, modules: Sequence[Module], make_modifier: ModifierFactory,
                    prune_batches: list[Batch], held: Examples, sequential_targets: Any = None
-                   ) -> Callable[[list[float]], Evaluation]:
-    """``evaluate(layer_sparsity)``: prune with the stock modifier, measure per-example held-out loss, undo."""
+                   ) -> Callable[..., Evaluation]:
+    """``evaluate(layer_sparsity, order=0)``: prune with the stock modifier (calibration batches in their
+    ``order``-th order, :func:`calibration_order`), measure per-example held-out loss, undo."""
     snapshot = WeightSnapshot([m for _, _, m in modules])
 
-    def evaluate(layer_sparsity: list[float]) -> Evaluation:
+    def evaluate(layer_sparsity: list[float], order: int = 0) -> Evaluation:
+        batches = calibration_order(prune_batches, order)
         t = time.perf_counter()
         try:
-            prune_in_session(model, make_modifier(layer_sparsity), prune_batches, sequential_targets)
+            prune_in_session(model, make_modifier(layer_sparsity), batches, sequential_targets)
             sums, counts = _held_out_losses(model, held)
         finally:
             snapshot.restore()
@@ -396,6 +411,9 @@ def make_plan(
         raise ConfigError(f"allocation {options.allocation!r}{' with epsilon auto' if options.epsilon == AUTO else ''} "
                           "judges candidates on held-out calibration data, but none was given: pass calibration "
                           "data (dataset=… / --calib)")
+    if options.judge_orders > len(prune_batches):
+        raise ConfigError(f"judge_orders={options.judge_orders} needs at least as many calibration batches to prune "
+                          f"with, got {len(prune_batches)}: lower judge_orders or pass more calibration data")
     left = len(held) - options.confirm_examples
     if options.confirm_examples and left < 2:
         raise ConfigError(f"confirm_examples={options.confirm_examples} leaves {max(left, 0)} of the {len(held)} "
@@ -425,7 +443,8 @@ def make_plan(
     journal = Journal(journal_path, context)
     result = plan_allocation(providers, evaluate, budget=Budget(options.budget_prunes, options.budget_seconds),
                              decision=decision, sigmas=options.sigmas, journal=journal, show_progress=show_progress,
-                             confirm_examples=options.confirm_examples)
+                             confirm_examples=options.confirm_examples, orders=options.judge_orders,
+                             evaluate_at=evaluate)
     data.setdefault("holdout", held.fingerprint())
     data.setdefault("pruning_batches", len(prune_batches))
     plan = plan_from_search(result, options=options, model=model, algorithm=algorithm, target=target, params=params,
@@ -454,5 +473,6 @@ def summary_rows(plan: AllocationPlan) -> list[list[Any]]:
     return rows
 
 
-__all__ = ["build_providers", "calibration_statistics", "fixed_plan_sparsity", "make_evaluator", "make_plan",
-           "measure_sensitivity", "owl_scores_factory", "sequential_prune", "summary_rows", "table_examples_for"]
+__all__ = ["build_providers", "calibration_order", "calibration_statistics", "fixed_plan_sparsity", "make_evaluator",
+           "make_plan", "measure_sensitivity", "owl_scores_factory", "sequential_prune", "summary_rows",
+           "table_examples_for"]

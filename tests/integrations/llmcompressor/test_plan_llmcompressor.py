@@ -320,6 +320,50 @@ def test_confirmation_examples_are_the_last_held_out_ones_and_judge_only_the_dec
     assert "did not see" in split.decision["rule"] and "did not see" not in whole.decision["rule"]
 
 
+def test_a_recheck_at_another_calibration_order_is_the_stock_modifier_on_rotated_batches(stories_dir,
+                                                                                        tinystories_train,
+                                                                                        tinystories_valid):
+    """``evaluate(list, order)`` = the stock SparseGPT modifier on the batches with the first ``order`` moved last."""
+    from layerif_plugins.evaluation.perplexity import example_token_losses
+    from layerif_plugins.integrations.llmcompressor.planning import calibration_order, make_evaluator
+
+    model, batches, held, mod, modules, params = _sensitivity_setup(stories_dir, tinystories_train,
+                                                                    tinystories_valid, "sparsegpt")
+    evaluate = make_evaluator(model, modules, mod.stock_modifier, batches, held)
+    levels = [0.3, 0.4, 0.5, 0.6, 0.7]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    at = {order: evaluate(levels, order) for order in (0, 2)}
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # each prune was undone
+    assert calibration_order(batches, 2) == batches[2:] + batches[:2]
+    for order, ev in at.items():
+        fresh, _ = load_model_and_tokenizer(stories_dir)
+        prune_in_session(fresh, mod.stock_modifier(levels), batches[order:] + batches[:order])
+        sums, counts = example_token_losses(fresh, held, pad_id=0)
+        assert ev.counts == counts and ev.sums == pytest.approx(sums, rel=1e-6)
+    # the same data in another order: the same model up to rounding
+    assert token_mean(at[2].sums, at[2].counts) == pytest.approx(token_mean(at[0].sums, at[0].counts), rel=1e-3)
+    with pytest.raises(ConfigError, match="calibration order 8 needs more than 8 calibration batches"):
+        evaluate(levels, 8)
+
+
+def test_auto_with_judge_orders_rechecks_each_finalist(stories_dir, tinystories_train, tmp_path):
+    """``judge_orders: 2``: the finalists pruned once more at the second order, averaged, within the budget."""
+    common = dict(algorithm="sparsegpt", sparsity=0.5, allocation="auto", calib=tinystories_train, n_calib=N_CALIB,
+                  n_holdout=4, max_length=MAX_LEN, show_progress=False)
+    with pytest.raises(ConfigError, match="judge_orders=9 needs at least as many calibration batches .* got 8"):
+        plan_pruning(stories_dir, tmp_path / "bad.json", judge_orders=9, budget_prunes=99, **common)
+    assert not (tmp_path / "bad.json").exists()
+    plan = plan_pruning(stories_dir, tmp_path / "plan.json", judge_orders=2, budget_prunes=9, **common)
+    finalists = [c for c in plan.candidates if c["order_losses"] is not None]
+    assert {c["provider"] for c in finalists} == {c["provider"] for c in plan.candidates if c["loss"] is not None}
+    assert plan.cost["prunes"] <= 9 and plan.options["judge_orders"] == 2
+    for c in finalists:
+        assert len(c["order_losses"]) == 2 and c["order_losses"][0] == c["loss"]
+        assert len(c["order_example_losses"][1]) == len(c["example_losses"]) == 4
+    assert "averaged over 2 calibration orders" in plan.decision["rule"]
+    assert plan.chosen["index"] in {plan.candidates.index(c) for c in finalists}
+
+
 @pytest.mark.slow
 def test_cli_plan_then_prune_with_the_plan(stories_dir, tinystories_train, tmp_path, capsys):
     from layerif_plugins.cli import main
