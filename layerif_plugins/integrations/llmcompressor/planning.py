@@ -459,7 +459,8 @@ def make_plan(
 
 
 def summary_rows(plan: AllocationPlan) -> list[list[Any]]:
-    """One row per candidate: provider, knobs, status, held-out perplexity, paired Δ vs uniform ± SE."""
+    """One row per candidate: provider, knobs, status, held-out perplexity (a finalist rechecked at other
+    calibration orders: one per order, ``judge_orders``), paired Δ vs uniform ± SE."""
     from layerif_plugins.plan.providers import spread_knobs
 
     rows = []
@@ -467,8 +468,10 @@ def summary_rows(plan: AllocationPlan) -> list[list[Any]]:
         ppl = c.get("perplexity")
         vs = c.get("vs_uniform") or {}
         mark = " ←" if i == plan.chosen.get("index") else ""
-        rows.append([c["provider"] + mark, spread_knobs(c.get("knobs") or {}), c.get("status"),
-                     f"{ppl:.4f}" if ppl is not None and math.isfinite(ppl) else (c.get("error") or "–"),
+        shown = f"{ppl:.4f}" if ppl is not None and math.isfinite(ppl) else (c.get("error") or "–")
+        if c.get("order_losses"):
+            shown = " / ".join(f"{math.exp(x):.4f}" for x in c["order_losses"]) + " (per calibration order)"
+        rows.append([c["provider"] + mark, spread_knobs(c.get("knobs") or {}), c.get("status"), shown,
                      f"{vs['mean']:+.4f} ± {vs['se']:.4f}" if vs else "–"])
     return rows
 

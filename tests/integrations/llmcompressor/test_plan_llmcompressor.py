@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from layerif_plugins.data import load_examples
 from layerif_plugins.errors import AllocationError, ConfigError
 from layerif_plugins.integrations.llmcompressor import LayerIFWandaPruningModifier, prune_model
-from layerif_plugins.integrations.llmcompressor.planning import measure_sensitivity
+from layerif_plugins.integrations.llmcompressor.planning import measure_sensitivity, summary_rows
 from layerif_plugins.integrations.llmcompressor.prune import calibration_batches, plan_pruning
 from layerif_plugins.integrations.llmcompressor.search import prune_in_session
 from layerif_plugins.models import load_model_and_tokenizer
@@ -362,6 +362,9 @@ def test_auto_with_judge_orders_rechecks_each_finalist(stories_dir, tinystories_
         assert len(c["order_example_losses"][1]) == len(c["example_losses"]) == 4
     assert "averaged over 2 calibration orders" in plan.decision["rule"]
     assert plan.chosen["index"] in {plan.candidates.index(c) for c in finalists}
+    rows = {r[0].removesuffix(" ←"): r[3] for r, c in zip(summary_rows(plan), plan.candidates, strict=True)
+            if c["order_losses"] is not None}
+    assert rows["uniform"].endswith("(per calibration order)") and rows["uniform"].count(" / ") == 1
 
 
 @pytest.mark.slow
