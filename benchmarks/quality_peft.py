@@ -44,7 +44,11 @@ loop); the curve and AdaLoRA's schedule hook into it as HF Trainer callbacks.
 
 Usage: ``python benchmarks/quality_peft.py --model smollm2-135m`` (full: 300 steps × 3 seeds × 2
 tasks × 13 methods = 78 cells), ``--quick`` (stories260K, a smoke run of every method, ≈ 2.5 min on
-2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json``.
+2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json``. Learning rates:
+``--tune-lr 1e-3,3e-3,1e-2`` trains every method at each rate and scores a *tune* part dealt after the
+training part (the test part unread); then ``--lr-from-tune`` runs the test grid with each method at the
+rate its search chose on each task (rank patterns and EVA take uniform LoRA's when they were not searched,
+LoRA-MoE layouts ``moe-uniform``'s) — every method at its best, chosen without the test part.
 
 Sizing (the defaults: batch 4 × ≤ 32 tokens, 300 steps, held-out loss every 50): one SmolLM2 step of
 LoRA r 8 on q/v/down is 0.95–1.0 s with one thread (two such processes side by side on the 2 cores;
@@ -139,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tune part (--n-tune examples dealt after train; the test part is not read); writes "
                         "quality_peft_<model>_lr.md with the best LR per method")
     p.add_argument("--n-tune", type=int, default=64, help="tune-part examples (--tune-lr)")
+    p.add_argument("--lr-from-tune", action="store_true",
+                   help="train each method at the rate a --tune-lr search chose for it on each task (read from the "
+                        "JSONL's tune rows; a method without any takes its family's: lora-* and eva → lora, moe-* "
+                        "→ moe-uniform; else --lr)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-length", type=int, default=32,
                    help="tokens per example (a WikiText-2 paragraph is cut into windows of this length)")
@@ -174,8 +182,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tune-lr / --method-lr: {exc} (e.g. --tune-lr 1e-3,3e-3 or --method-lr adalora=0.01)")
     for name in args.method_lr:
         method_parts(name)
-    if args.tune_lr and args.method_lr:
-        p.error("--method-lr applies to the test run; --tune-lr searches the learning rate (use one)")
+    if args.tune_lr and (args.method_lr or args.lr_from_tune):
+        p.error("--method-lr / --lr-from-tune apply to the test run; --tune-lr searches the learning rate (use one)")
+    if args.method_lr and args.lr_from_tune:
+        p.error("--lr-from-tune sets every method's rate from the tune search; --method-lr sets them by hand (use one)")
+    args.tuned = {}  # (task, method) → the tune search's rate (--lr-from-tune; filled once the rows are read)
     if any(lr <= 0 for lr in [*args.tune_lr, *args.method_lr.values()]):
         p.error("learning rates must be > 0")
     if not args.tune_lr:
@@ -187,12 +198,15 @@ def split(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def method_lr(args: argparse.Namespace, method: str) -> float:
-    """The learning rate a method trains at: its ``--method-lr`` entry, else ``--lr``."""
-    return args.method_lr.get(method, args.lr)
+def method_lr(args: argparse.Namespace, method: str, task: str | None = None) -> float:
+    """The learning rate a method trains at: its ``--method-lr`` entry, the tune search's (``--lr-from-tune``), or
+    ``--lr``."""
+    if method in args.method_lr:
+        return args.method_lr[method]
+    return getattr(args, "tuned", {}).get((task, method), args.lr)
 
 
-def sizes(args: argparse.Namespace, method: str) -> dict[str, Any]:
+def sizes(args: argparse.Namespace, method: str, task: str | None = None) -> dict[str, Any]:
     """What a finished row must share with this run to be reused (LoRA-MoE rows: also how they were sized).
 
     A row of ``--tune-lr`` (loss on the tune part) also records ``heldout: tune``, so it never stands in
@@ -200,7 +214,36 @@ def sizes(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """
     moe = {"moe_params": MOE_PARAMS} if method_parts(method)[0] == "moe" else {}
     tune = {"heldout": "tune", "n_tune": args.n_tune} if args.tune_lr else {}
-    return {**{k: getattr(args, k) for k in SIZE_KEYS}, "lr": method_lr(args, method), **moe, **tune}
+    return {**{k: getattr(args, k) for k in SIZE_KEYS}, "lr": method_lr(args, method, task), **moe, **tune}
+
+
+def tune_sources(method: str) -> list[str]:
+    """Whose tune search sets ``method``'s rate: its own, then its family's reference (``lora-layerif@other`` →
+    ``lora-layerif``, ``lora``; ``eva`` → ``eva``, ``lora``; ``moe-mola-2468`` → itself, ``moe-uniform``)."""
+    own = method.partition("@")[0]
+    family = method_parts(method)[0]
+    ref = {"lora": "lora", "eva": "lora", "adalora": "adalora", "moe": "moe-uniform"}[family]
+    return [own] if own == ref else [own, ref]
+
+
+def tuned_rates(all_rows: list[dict[str, Any]], args: argparse.Namespace, tasks: list[str], methods: list[str]
+                ) -> dict[tuple[str, str], float]:
+    """``(task, method) → rate`` with the lowest mean tune loss among the JSONL's ``--tune-lr`` rows of the same
+    sizing (any rates, any seeds); a method with no such rows, nor its family, is left out (it trains at ``--lr``)."""
+    ignore = ("lr", "heldout", "n_tune")
+    chosen = {}
+    for task in tasks:
+        for method in methods:
+            for source in tune_sources(method):
+                want = {k: v for k, v in sizes(args, source).items() if k not in ignore}
+                rows = [r for r in all_rows if r["task"] == task and r["method"] == source
+                        and r.get("sizes", {}).get("heldout") == "tune"
+                        and {k: v for k, v in r["sizes"].items() if k not in ignore} == want]
+                best = best_lr(rows, sorted({r["sizes"]["lr"] for r in rows}))[1]
+                if best is not None:
+                    chosen[(task, method)] = best
+                    break
+    return chosen
 
 
 def method_parts(name: str) -> tuple[str, str, bool]:
@@ -398,7 +441,7 @@ def run_cell(task: str, name: str, seed: int, base: Any, splits: dict[str, Examp
     if method_parts(name)[0] in ("lora", "eva", "adalora"):
         info["ranks"] = layer_ranks(pm, prefix, n_layers)
     callbacks = make_callbacks(splits["test"], pad, args.eval_every, method_parts(name)[0] == "adalora")
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=method_lr(args, name), seed=seed,
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=method_lr(args, name, task), seed=seed,
                          lr_scheduler="linear", logging_steps=max(1, args.steps))
     t, c = time.perf_counter(), time.process_time()
     metrics = train_adapter(pm, splits["train"], pad, config, show_progress=False, callbacks=callbacks)
@@ -410,7 +453,7 @@ def run_cell(task: str, name: str, seed: int, base: Any, splits: dict[str, Examp
     return {"task": task, "method": name, "seed": seed, "trainable": trainable, **info,
             "curve": callbacks[0].points, "test_loss": held["loss"], "test_ppl": held["perplexity"],
             "train_loss_last10": statistics.mean(losses[-10:]), "step_s_wall": wall / args.steps,
-            "step_s_cpu": cpu / args.steps, "peak_mib": peak_memory_mib(), "sizes": sizes(args, name)}
+            "step_s_cpu": cpu / args.steps, "peak_mib": peak_memory_mib(), "sizes": sizes(args, name, task)}
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -507,8 +550,17 @@ def lr_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
     return [argparse.Namespace(**{**vars(args), "lr": lr}) for lr in args.tune_lr]
 
 
+def args_json(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as JSON (the tune search's rates keyed ``"task/method"``)."""
+    return {**vars(args), "tuned": {f"{t}/{m}": lr for (t, m), lr in args.tuned.items()}}
+
+
 def lr_overrides(args: argparse.Namespace) -> str:
-    return "".join(f"; {name}: {lr:g}" for name, lr in args.method_lr.items())
+    """The rates that are not ``--lr``: ``--method-lr``'s, and per task those ``--lr-from-tune`` chose."""
+    text = "".join(f"; {name}: {lr:g}" for name, lr in args.method_lr.items())
+    tasks = sorted({t for t, _ in args.tuned})
+    return text + "".join(f"; rates chosen on the tune part of {t}: " + ", ".join(
+        f"{m} {lr:g}" for (task, m), lr in args.tuned.items() if task == t) for t in tasks)
 
 
 def best_lr(rows: list[dict[str, Any]], lrs: list[float]) -> tuple[dict[float, list[float]], float | None]:
@@ -541,7 +593,7 @@ def write_lr_report(stem: Path, args: argparse.Namespace, reports: list[str], ba
             + f"\nCommand: {command}. Use a best rate in the test run with `--method-lr NAME=LR`.\n")
     tuned = [r for r in all_rows if r.get("sizes", {}).get("heldout") == "tune"]
     atomic_write_text(stem.with_suffix(".md"), text)
-    atomic_write_json(stem.with_suffix(".json"), {"args": vars(args), "base": base_losses, "rows": tuned})
+    atomic_write_json(stem.with_suffix(".json"), {"args": args_json(args), "base": base_losses, "rows": tuned})
     print(text)
     return 0
 
@@ -556,7 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     tag = model_tag(args.model)
     jsonl = out / f"quality_peft_{tag}.jsonl"
     all_rows = read_rows(jsonl)
-    rows = [r for r in all_rows if r.get("sizes") == sizes(args, r["method"])]
+    if args.lr_from_tune:
+        args.tuned = tuned_rates(all_rows, args, tasks, methods)
+        if not args.tuned:
+            raise SystemExit(f"--lr-from-tune: no --tune-lr rows of this sizing in {jsonl} for {methods} on {tasks}; "
+                             "run the search first (--tune-lr LR,…), or leave --lr-from-tune out")
+    rows = [r for r in all_rows if r.get("sizes") == sizes(args, r["method"], r["task"])]
     base, tok = load_model_and_tokenizer(args.model, device=args.device)
     base.requires_grad_(False)
     pad = pad_id_of(tok)
@@ -583,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = {**splits[task], "test": splits[task]["tune"]} if args.tune_lr else splits[task]
         base_losses[task] = heldout_loss(base, parts["test"], pad)["loss"]
         for run_args in lr_runs(args):
-            done = [r for r in all_rows if r["task"] == task and r.get("sizes") == sizes(run_args, r["method"])]
+            done = [r for r in all_rows if r["task"] == task and r.get("sizes") == sizes(run_args, r["method"], task)]
             for name in methods:
                 for seed in range(args.seeds):
                     if any(r["method"] == name and r["seed"] == seed for r in done):
@@ -592,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                     append_row(jsonl, row)
                     all_rows.append(row)
                     rows.append(row)
-                    tqdm.write(f"{task:11s} {name:22s} seed {seed} lr {method_lr(run_args, name):g}: "
+                    tqdm.write(f"{task:11s} {name:22s} seed {seed} lr {method_lr(run_args, name, task):g}: "
                                f"{'tune' if args.tune_lr else 'test'} loss {row['test_loss']:.4f} "
                                f"({row['trainable']:,} params, {1000 * row['step_s_wall']:.0f} ms/step)")
         if args.tune_lr:
@@ -617,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\nScores:\n{score_lines}\n\nScoring time: {score_time:.1f} s. Command: {command}.\n"
     )
     atomic_write_text(out / f"quality_peft_{tag}.md", text)
-    atomic_write_json(out / f"quality_peft_{tag}.json", {"args": vars(args), "base": base_losses, "rows": rows,
+    atomic_write_json(out / f"quality_peft_{tag}.json", {"args": args_json(args), "base": base_losses, "rows": rows,
                                                           "scores": {t: v.scores for t, v in layerif.items()}})
     print(text)
     return 0

@@ -148,8 +148,12 @@ def test_lr_options_are_parsed_and_refused_early(qp):
     assert tune.tune_lr == [1e-3, 1e-2] and tune.n_tune == 64
     assert qp.sizes(tune, "lora")["heldout"] == "tune"
     assert [a.lr for a in qp.lr_runs(tune)] == [1e-3, 1e-2]
+    assert qp.tune_sources("lora-layerif@other") == ["lora-layerif", "lora"] and qp.tune_sources("lora") == ["lora"]
+    assert qp.tune_sources("eva") == ["eva", "lora"] and qp.tune_sources("moe-layerif:2.5") == ["moe-layerif:2.5",
+                                                                                                 "moe-uniform"]
     for bad in (["--method-lr", "adalora=fast"], ["--method-lr", "nope=0.1"], ["--tune-lr", "0,1e-3"],
-                ["--tune-lr", "1e-3", "--method-lr", "adalora=0.01"]):
+                ["--tune-lr", "1e-3", "--method-lr", "adalora=0.01"], ["--tune-lr", "1e-3", "--lr-from-tune"],
+                ["--lr-from-tune", "--method-lr", "adalora=0.01"]):
         with pytest.raises(SystemExit):
             qp.parse_args(bad)
 
@@ -173,4 +177,12 @@ def test_lr_search_reads_the_tune_part_and_keeps_its_rows_apart(qp, tmp_path, ca
     assert len(rows) == 6 and all("heldout" not in r["sizes"] and r["sizes"]["lr"] == best for r in rows[4:])
     assert all(r["test_loss"] != tuned[r["seed"]] for r in rows[4:])  # measured on the test part, not tune
     assert f"lora: {best:g}" in (tmp_path / "quality_peft_stories260K.md").read_text()
+    # --lr-from-tune: lora at the searched rate (its rows above are reused), a rank pattern at its family's
+    assert qp.main([*argv[:4], "lora,lora-depth_ramp", *argv[5:], "--lr-from-tune"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and [(r["method"], r["sizes"]["lr"]) for r in rows[6:]] == [("lora-depth_ramp", best)] * 2
+    report = (tmp_path / "quality_peft_stories260K.md").read_text()
+    assert f"rates chosen on the tune part of shakespeare: lora {best:g}, lora-depth_ramp {best:g}" in report
+    with pytest.raises(SystemExit, match="no --tune-lr rows of this sizing"):
+        qp.main([*argv[:4], "eva", *argv[5:], "--lr-from-tune", "--spread", "0.3"])
     capsys.readouterr()
