@@ -262,6 +262,12 @@ def test_judge_orders_average_the_finalists_over_calibration_orders(tmp_path):
     assert atp.order_example_losses[1] == pytest.approx([u + 0.6 + j for u, j in zip(uni, jitter, strict=True)])
     assert "averaged over 2 calibration orders" in two.decision["rule"]
     assert "atp(beta=" in two.decision["why"][-1] and "worse" in two.decision["why"][-1]
+    # with a confirmation slice, the slice's losses are averaged over the orders too
+    held = plan_allocation(providers, evaluate, decision="auto", orders=2, evaluate_at=evaluate_at,
+                           confirm_examples=3)
+    atp_held = next(c for c in held.candidates if c.provider == "atp" and c.order_losses is not None)
+    assert atp_held.order_confirm_example_losses[1] == pytest.approx(atp.order_example_losses[1][5:])
+    assert held.winner.provider == "uniform" and "3 confirmation examples" in held.decision["why"][0]
     # the order-1 rows are in the journal: a rerun resumes them and prunes nothing
     calls.clear()
     again = plan_allocation(providers, evaluate, decision="auto", orders=2, evaluate_at=evaluate_at,
