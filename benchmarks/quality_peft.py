@@ -590,7 +590,8 @@ def write_lr_report(stem: Path, args: argparse.Namespace, reports: list[str], ba
             f"({args.steps} steps, batch {args.batch_size} × ≤ {args.max_length} tokens, seeds 0..{args.seeds - 1}) "
             f"at each learning rate; loss on {args.n_tune} tune examples per task, dealt after the training part "
             "(the test part is not read). Mean ± std over seeds.\n\n" + "\n".join(reports)
-            + f"\nCommand: {command}. Use a best rate in the test run with `--method-lr NAME=LR`.\n")
+            + f"\nCommand: {command}. Run the test grid at these rates with `--lr-from-tune` (each method at its "
+            "best rate per task; by hand: `--method-lr NAME=LR`).\n")
     tuned = [r for r in all_rows if r.get("sizes", {}).get("heldout") == "tune"]
     atomic_write_text(stem.with_suffix(".md"), text)
     atomic_write_json(stem.with_suffix(".json"), {"args": args_json(args), "base": base_losses, "rows": tuned})
