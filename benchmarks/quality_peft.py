@@ -44,7 +44,8 @@ loop); the curve and AdaLoRA's schedule hook into it as HF Trainer callbacks.
 
 Usage: ``python benchmarks/quality_peft.py --model smollm2-135m`` (full: 300 steps × 3 seeds × 2
 tasks × 13 methods = 78 cells), ``--quick`` (stories260K, a smoke run of every method, ≈ 2.5 min on
-2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json``. Learning rates:
+2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json`` (``_tuned.md`` with
+``--lr-from-tune``). Learning rates:
 ``--tune-lr 1e-3,3e-3,1e-2`` trains every method at each rate and scores a *tune* part dealt after the
 training part (the test part unread); then ``--lr-from-tune`` runs the test grid with each method at the
 rate its search chose on each task (rank patterns and EVA take uniform LoRA's when they were not searched,
@@ -674,8 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(reports)
         + f"\nScores:\n{score_lines}\n\nScoring time: {score_time:.1f} s. Command: {command}.\n"
     )
-    atomic_write_text(out / f"quality_peft_{tag}.md", text)
-    atomic_write_json(out / f"quality_peft_{tag}.json", {"args": args_json(args), "base": base_losses, "rows": rows,
+    stem = out / f"quality_peft_{tag}{'_tuned' if args.lr_from_tune else ''}"  # the two grids side by side
+    atomic_write_text(stem.with_suffix(".md"), text)
+    atomic_write_json(stem.with_suffix(".json"), {"args": args_json(args), "base": base_losses, "rows": rows,
                                                           "scores": {t: v.scores for t, v in layerif.items()}})
     print(text)
     return 0

@@ -181,7 +181,7 @@ def test_lr_search_reads_the_tune_part_and_keeps_its_rows_apart(qp, tmp_path, ca
     assert qp.main([*argv[:4], "lora,lora-depth_ramp", *argv[5:], "--lr-from-tune"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and [(r["method"], r["sizes"]["lr"]) for r in rows[6:]] == [("lora-depth_ramp", best)] * 2
-    report = (tmp_path / "quality_peft_stories260K.md").read_text()
+    report = (tmp_path / "quality_peft_stories260K_tuned.md").read_text()
     assert f"rates chosen on the tune part of shakespeare: lora {best:g}, lora-depth_ramp {best:g}" in report
     with pytest.raises(SystemExit, match="no --tune-lr rows of this sizing"):
         qp.main([*argv[:4], "eva", *argv[5:], "--lr-from-tune", "--spread", "0.3"])
