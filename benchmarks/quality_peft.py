@@ -526,6 +526,12 @@ def task_report(task: str, rows: list[dict[str, Any]], methods: list[str], base_
                and beats([x for x in rows if x["method"] == name], ref["eva"])]
     verdict = (f"Influence-based layouts with a lower test loss than both uniform LoRA and EVA beyond two standard "
                f"errors (paired): {', '.join(winners) if winners else 'none'}.")
+    ramp = {x["seed"]: x["test_loss"] for x in rows if x["method"] == "lora-depth_ramp"}
+    scored = [name for name in methods if name.startswith("lora-") and influence_based(name)
+              and any(x["method"] == name for x in rows)]
+    if ramp and scored:  # the free default a scored layout must beat: rank rising with depth, no data
+        verdict += " Against the data-free depth ramp (`lora-depth_ramp`, paired): " + "; ".join(
+            f"{name} {paired([x for x in rows if x['method'] == name], ramp)}" for name in scored) + "."
     moe_winners = [name for name in methods if moe_layout(name)
                    and beats([x for x in rows if x["method"] == name], ref["moe-uniform"])]
     if ref["moe-uniform"] and any(moe_layout(name) for name in methods):

@@ -137,6 +137,13 @@ def test_report_pairs_moe_layouts_with_the_uniform_moe_layout(qp):
     assert f"| {statistics.mean(d):+.4f} ± {se:.4f} * |" in line  # −0.0183 ± 0.0017: beyond two SE
     assert next(x for x in report.splitlines() if x.startswith("| lora-layerif |")).count("| - |") == 1
     assert "than the uniform LoRA-MoE layout beyond two standard errors: moe-layerif:2.5." in report
+    assert "depth ramp" not in report  # no ramp rows: no line against it
+    ramp = [3.595, 3.605, 3.60]
+    rows += [{**rows[-1], "method": "lora-depth_ramp", "seed": s, "test_loss": v} for s, v in enumerate(ramp)]
+    report = qp.task_report("t", rows, [*losses, "lora-depth_ramp"], 5.0)
+    d = [a - b for a, b in zip(losses["lora-layerif"], ramp, strict=True)]
+    want = f"{statistics.mean(d):+.4f} ± {statistics.stdev(d) / math.sqrt(3):.4f}"
+    assert f"Against the data-free depth ramp (`lora-depth_ramp`, paired): lora-layerif {want}." in report
 
 
 def test_lr_options_are_parsed_and_refused_early(qp):
