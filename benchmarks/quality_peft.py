@@ -600,8 +600,8 @@ def write_lr_report(stem: Path, args: argparse.Namespace, reports: list[str], ba
             + f"\nCommand: {command}. Run the test grid at these rates with `--lr-from-tune` (each method at its "
             "best rate per task; by hand: `--method-lr NAME=LR`).\n")
     tuned = [r for r in all_rows if r.get("sizes", {}).get("heldout") == "tune"]
-    atomic_write_text(stem.with_suffix(".md"), text)
-    atomic_write_json(stem.with_suffix(".json"), {"args": args_json(args), "base": base_losses, "rows": tuned})
+    atomic_write_text(stem.parent / f"{stem.name}.md", text)  # not with_suffix: a model tag may hold a dot
+    atomic_write_json(stem.parent / f"{stem.name}.json", {"args": args_json(args), "base": base_losses, "rows": tuned})
     print(text)
     return 0
 
@@ -677,13 +677,14 @@ def main(argv: list[str] | None = None) -> int:
         f"steps (lr {args.lr}{lr_overrides(args)}, linear decay), batch {args.batch_size} × ≤ {args.max_length} "
         "tokens, "
         f"{args.n_train} training / {args.n_test} test examples per task; seeds 0..{args.seeds - 1} (adapter init + "
-        "batch order). Paired differences: same seed, ± standard error; `*` = beyond two standard errors.\n\n"
+        "batch order; a row run with more counts them in its last column). Paired differences: same seed, ± standard "
+        "error; `*` = beyond two standard errors.\n\n"
         + "\n".join(reports)
         + f"\nScores:\n{score_lines}\n\nScoring time: {score_time:.1f} s. Command: {command}.\n"
     )
     stem = out / f"quality_peft_{tag}{'_tuned' if args.lr_from_tune else ''}"  # the two grids side by side
-    atomic_write_text(stem.with_suffix(".md"), text)
-    atomic_write_json(stem.with_suffix(".json"), {"args": args_json(args), "base": base_losses, "rows": rows,
+    atomic_write_text(stem.parent / f"{stem.name}.md", text)
+    atomic_write_json(stem.parent / f"{stem.name}.json", {"args": args_json(args), "base": base_losses, "rows": rows,
                                                           "scores": {t: v.scores for t, v in layerif.items()}})
     print(text)
     return 0
