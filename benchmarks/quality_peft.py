@@ -45,7 +45,7 @@ loop); the curve and AdaLoRA's schedule hook into it as HF Trainer callbacks.
 Usage: ``python benchmarks/quality_peft.py --model smollm2-135m`` (full: 300 steps × 3 seeds × 2
 tasks × 13 methods = 78 cells), ``--quick`` (stories260K, a smoke run of every method, ≈ 2.5 min on
 2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json`` (``_tuned.md`` with
-``--lr-from-tune``). Learning rates:
+``--lr-from-tune``); ``--report`` writes the reports from the finished rows alone. Learning rates:
 ``--tune-lr 1e-3,3e-3,1e-2`` trains every method at each rate and scores a *tune* part dealt after the
 training part (the test part unread); then ``--lr-from-tune`` runs the test grid with each method at the
 rate its search chose on each task (rank patterns and EVA take uniform LoRA's when they were not searched,
@@ -160,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     p.add_argument("--quick", action="store_true", help="smoke run: stories260K, 6 steps, 2 seeds, small splits")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the report from the JSONL's finished rows (a cell not run shows '-')")
     p.add_argument("--out", default=str(REPO / "bench_out"))
     args = p.parse_args(argv)
     if args.quick:
@@ -651,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             done = [r for r in all_rows if r["task"] == task and r.get("sizes") == sizes(run_args, r["method"], task)]
             for name in methods:
                 for seed in range(args.seeds):
-                    if any(r["method"] == name and r["seed"] == seed for r in done):
+                    if args.report or any(r["method"] == name and r["seed"] == seed for r in done):
                         continue
                     row = run_cell(task, name, seed, base, parts, pad, own, other, run_args, prefix)
                     append_row(jsonl, row)

@@ -178,6 +178,12 @@ def test_lr_search_reads_the_tune_part_and_keeps_its_rows_apart(qp, tmp_path, ca
     best = min(mean, key=mean.__getitem__)
     report = (tmp_path / "quality_peft_stories260K_lr.md").read_text()
     assert report.count(f"| {best:g} |") == 1 and "the test part is not read" in report
+    # --report: a wider grid from the finished rows alone; the rate never trained shows '-'
+    assert qp.main([*argv, "--tune-lr", "1e-3,1e-2,3e-2", "--report"]) == 0
+    assert len((tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()) == 4
+    line = next(x for x in (tmp_path / "quality_peft_stories260K_lr.md").read_text().splitlines()
+                if x.startswith("| lora |"))
+    assert line.endswith(f"| - | {best:g} |")
     assert qp.main([*argv, "--method-lr", f"lora={best}"]) == 0  # the test run does not reuse a tune row
     rows = [json.loads(line) for line in (tmp_path / "quality_peft_stories260K.jsonl").read_text().splitlines()]
     tuned = {r["seed"]: r["test_loss"] for r in rows[:4] if r["sizes"]["lr"] == best}
