@@ -44,8 +44,9 @@ loop); the curve and AdaLoRA's schedule hook into it as HF Trainer callbacks.
 
 Usage: ``python benchmarks/quality_peft.py --model smollm2-135m`` (full: 300 steps × 3 seeds × 2
 tasks × 13 methods = 78 cells), ``--quick`` (stories260K, a smoke run of every method, ≈ 2.5 min on
-2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json`` (``_tuned.md`` with
-``--lr-from-tune``); ``--report`` writes the reports from the finished rows alone. Learning rates:
+2 loaded cores); writes ``bench_out/quality_peft_<model>.md`` / ``.json`` (with ``--lr-from-tune``:
+``bench_out/quality_peft_<model>_tuned.md``); ``--report`` writes the reports from the finished rows
+alone. Learning rates:
 ``--tune-lr 1e-3,3e-3,1e-2`` trains every method at each rate and scores a *tune* part dealt after the
 training part (the test part unread); then ``--lr-from-tune`` runs the test grid with each method at the
 rate its search chose on each task (rank patterns and EVA take uniform LoRA's when they were not searched,
