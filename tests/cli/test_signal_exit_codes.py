@@ -27,6 +27,16 @@ def _host_code_that_loses_the_signal(signum: int) -> None:
             pass
 
 
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as a terminal delivers it (Python's KeyboardInterrupt handler), also when the test run itself was
+    started with SIGINT ignored (a background job, ``nohup``), where the CLI rightly keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("terminal_sigint")
 @pytest.mark.parametrize(("signum", "code", "words"), [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                                         (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_a_signal_replaced_by_another_exception_still_exits_with_its_code(
@@ -39,6 +49,7 @@ def test_a_signal_replaced_by_another_exception_still_exits_with_its_code(
     assert capsys.readouterr().err == f"layerif plan: error: {words}; nothing half-written was left behind\n"
 
 
+@pytest.mark.usefixtures("terminal_sigint")
 def test_handlers_are_restored_and_an_ignored_sigint_stays_ignored() -> None:
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with _signals_raise([]):
