@@ -89,6 +89,16 @@ def served_dtype(args: Mapping[str, Any], schemes: Sequence[str], device: str) -
                                            "activations only, so this checkpoint is served in bfloat16")
 
 
+def checkpoint_engine_args(model_dir: str | Path, schemes: Sequence[str], options: VllmOptions,
+                           device: str) -> dict[str, Any]:
+    """The engine arguments that serve ``model_dir``: the options' own, with :func:`served_dtype`'s change
+    logged as a warning where it makes one (the served numbers then differ from the asked dtype's)."""
+    args, why = served_dtype(options.engine_args(device), schemes, device)
+    if why:
+        logger.warning("vLLM: %s: %s", model_dir, why)
+    return args
+
+
 @dataclass(frozen=True)
 class VllmOptions:
     """How vLLM runs; the defaults suit a CPU.
@@ -381,9 +391,7 @@ def run_vllm_models(
         if docs:
             windows, n_tokens = perplexity_windows(AutoTokenizer.from_pretrained(str(model_dir)), docs, ctx)
         counts.append(n_tokens)
-        args, why = served_dtype(opts.engine_args(device), check.schemes, device)
-        if why:
-            logger.warning("vLLM: %s: %s", model_dir, why)
+        args = checkpoint_engine_args(model_dir, check.schemes, opts, device)
         jobs.append({"model": str(Path(model_dir).resolve()), "windows": windows, "prompts": prompt_list,
                      "max_tokens": max_tokens, "llm_args": {"max_model_len": ctx + 2, **args}})
         logger.info("vLLM (%s): %s (%s), %d windows, %d prompts", device, model_dir, check.architecture,
@@ -419,9 +427,7 @@ def run_lm_eval_vllm(
     opts = options or VllmOptions()
     device = probe_vllm(python)["device"]
     check = check_vllm_dir(model_dir, device=device)
-    args, why = served_dtype(opts.engine_args(device), check.schemes, device)
-    if why:
-        logger.warning("vLLM: %s: %s", model_dir, why)
+    args = checkpoint_engine_args(model_dir, check.schemes, opts, device)
     if max_length:
         args["max_model_len"] = max_length
     request = {"mode": "lm_eval", "model": str(Path(model_dir).resolve()),

@@ -255,6 +255,20 @@ def test_w8a8_is_served_in_bfloat16_on_an_amx_cpu_only(monkeypatch):
         assert real() == (" amx_tile" in flags.read_text())
 
 
+def test_checkpoint_engine_args_warns_where_the_dtype_changes(monkeypatch, caplog):
+    """Both vLLM entry points take their engine arguments here: the bf16 change is logged, naming the checkpoint."""
+    from layerif_plugins.integrations import vllm_backend
+
+    opts = VllmOptions()
+    monkeypatch.setattr(vllm_backend, "cpu_has_amx", lambda: True)
+    with caplog.at_level("WARNING", logger=vllm_backend.logger.name):
+        args = vllm_backend.checkpoint_engine_args("ckpt-w8a8", ["W8A8"], opts, "cpu")
+        dense = vllm_backend.checkpoint_engine_args("ckpt-dense", [], opts, "cpu")
+    assert args == {**opts.engine_args("cpu"), "dtype": "bfloat16"} and dense == opts.engine_args("cpu")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "ckpt-w8a8" in warned[0] and "bfloat16" in warned[0]
+
+
 # ---------------------------------------------------------------- real vLLM (the vLLM environment, CPU or GPU)
 
 _REASON: str | None = None
