@@ -10,7 +10,9 @@ naming the field that differs.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,16 +31,43 @@ PLAN_FORMAT_VERSION = 1
 PLAN_KIND = "layerif-allocation-plan"
 
 
+def cpu_identity() -> dict[str, str]:
+    """The CPU as torch's kernels see it: model name, the vector capability torch dispatches to and a
+    digest of the instruction-set flags (Linux ``/proc/cpuinfo``; elsewhere the first two only).
+
+    Why: an unchanged SparseGPT plan — same data, library versions and thread count — made another
+    model on another machine (SmolLM2-135M at 70 %, the uniform list: TinyStories test perplexity
+    107.07 on one, 141.37 on the other; docs/quality.md §0).
+    """
+    info = {"model": platform.processor() or platform.machine(),
+            "capability": str(torch.backends.cpu.get_cpu_capability())}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    fields: dict[str, str] = {}
+    for line in lines:  # one block per logical CPU: the first one's values
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    if fields.get("model name"):
+        info["model"] = fields["model name"]
+    if "flags" in fields:
+        info["flags_sha256"] = hashlib.sha256(" ".join(sorted(fields["flags"].split())).encode()).hexdigest()[:16]
+    return info
+
+
 def search_numerics() -> dict[str, Any]:
-    """What the judged models depend on besides model, data and plan: the CPU thread count.
+    """What the judged models depend on besides model, data and plan: the CPU thread count and the CPU.
 
     Why: SparseGPT's masks and weight updates follow the float order of its Hessian sums and
-    matrix products, which changes with ``torch.get_num_threads()``. On SmolLM2-135M at 70 %
-    the same per-layer list and calibration gave WikiText-2 test perplexity 248.8 at 1 thread and
-    262.5 at 2 (uniform), 196.5 / 246.1 (AlphaPruning's list); TinyStories: the planner's chosen
-    list 60.8 / 73.7 (docs/quality.md §0). Wanda's did not move (within 1e-5 relative).
+    matrix products, which changes with ``torch.get_num_threads()`` and with the CPU's kernels. On
+    SmolLM2-135M at 70 % the same per-layer list and calibration gave WikiText-2 test perplexity 248.8
+    at 1 thread and 262.5 at 2 (uniform), 196.5 / 246.1 (AlphaPruning's list); TinyStories: the
+    planner's chosen list 60.8 / 73.7, the uniform list 107.07 / 141.37 on two machines at one thread
+    (docs/quality.md §0). Wanda's did not move (within 1e-5 relative).
     """
-    return {"torch_threads": torch.get_num_threads()}
+    return {"torch_threads": torch.get_num_threads(), "cpu": cpu_identity()}
 
 
 @dataclass
@@ -61,8 +90,8 @@ class AllocationPlan:
         scores: the scores file(s) behind score-mapped candidates (path, method, direction).
         data: fingerprints of the calibration and held-out examples.
         extras: e.g. the sensitivity table.
-        numerics: the torch thread count of the search (``search_numerics``); a SparseGPT plan
-            applied at another count makes another model than the one judged (a warning).
+        numerics: the torch thread count and the CPU of the search (``search_numerics``); a SparseGPT
+            plan applied at another count or on another CPU makes another model than the one judged (a warning).
     """
 
     layer_sparsity: list[float]
@@ -200,16 +229,28 @@ class AllocationPlan:
     def numerics_warning(self) -> str | None:
         """Why this process will not remake the models a SparseGPT search judged, or ``None``.
 
-        Only searched SparseGPT plans (Wanda's masks do not move with the summation order) that
-        recorded their thread count (plans before 2026-12-05 did not).
+        Only searched SparseGPT plans (Wanda's masks do not move with the summation order), and
+        only what the plan recorded: the thread count (plans since 2026-12-05), the CPU (since 2026-12-06).
         """
-        threads, here = self.numerics.get("torch_threads"), torch.get_num_threads()
-        if self.algorithm != "sparsegpt" or not self.candidates or threads is None or threads == here:
+        if self.algorithm != "sparsegpt" or not self.candidates:
             return None
-        return (f"{self._source or 'allocation plan'} was searched with {threads} torch thread(s) and is applied "
-                f"with {here}: SparseGPT's result follows the float order of its sums, so the pruned model will "
-                "differ from the candidate the search judged (on SmolLM2-135M at 70 % the test perplexity of one "
-                f"list moved by up to 27 % between 1 and 2 threads); torch.set_num_threads({threads}) remakes it")
+        here = search_numerics()
+        threads, cpu = self.numerics.get("torch_threads"), self.numerics.get("cpu") or {}
+        reasons, remedies = [], []
+        if threads is not None and threads != here["torch_threads"]:
+            reasons.append(f"was searched with {threads} torch thread(s) and is applied with {here['torch_threads']}")
+            remedies.append(f"torch.set_num_threads({threads}) remakes it")
+        differing = [f"{key} {value!r} vs {here['cpu'].get(key)!r}" for key, value in cpu.items()
+                     if key in here["cpu"] and value != here["cpu"][key]]
+        if differing:
+            reasons.append(f"was searched on another CPU ({'; '.join(differing)})")
+            remedies.append("search again on this machine, or ship the model the search saved")
+        if not reasons:
+            return None
+        return (f"{self._source or 'allocation plan'} {' and '.join(reasons)}: SparseGPT's result follows the "
+                "float order of its sums, so the pruned model will differ from the candidate the search judged (on "
+                "SmolLM2-135M at 70 % the test perplexity of one list moved by up to 27 % between 1 and 2 threads, "
+                f"and by 32 % between two machines); {', or '.join(remedies)}")
 
 
-__all__ = ["PLAN_FORMAT_VERSION", "AllocationPlan", "search_numerics"]
+__all__ = ["PLAN_FORMAT_VERSION", "AllocationPlan", "cpu_identity", "search_numerics"]

@@ -21,6 +21,7 @@ from layerif_plugins.plan import (
     knapsack,
     plan_allocation,
 )
+from layerif_plugins.plan.artifact import cpu_identity
 from layerif_plugins.plan.decide import choose_simplest, paired
 from layerif_plugins.plan.providers import (
     ATP,
@@ -355,9 +356,9 @@ def test_a_sparsegpt_plan_applied_at_another_thread_count_says_so(tmp_path):
     plan = AllocationPlan(layer_sparsity=[0.4, 0.5, 0.6, 0.5], target=0.5, algorithm="sparsegpt", allocation="atp",
                           chosen={"provider": "atp", "knobs": {"beta": 0.1}, "index": 1}, model=fp(),
                           params_per_layer=[10, 10, 10, 10], candidates=[{"provider": "uniform"}, {"provider": "atp"}])
-    assert plan.numerics == {"torch_threads": here} and plan.numerics_warning() is None
+    assert plan.numerics == {"torch_threads": here, "cpu": cpu_identity()} and plan.numerics_warning() is None
     data = plan.to_dict()
-    data["numerics"] = {"torch_threads": here + 1}
+    data["numerics"] = {"torch_threads": here + 1}  # as plans of 2026-12-05 were written: no CPU
     (tmp_path / "other.json").write_text(json.dumps(data))
     other = AllocationPlan.load(tmp_path / "other.json")
     note = other.numerics_warning()
@@ -367,3 +368,28 @@ def test_a_sparsegpt_plan_applied_at_another_thread_count_says_so(tmp_path):
     assert AllocationPlan.from_dict({**data, "candidates": []}).numerics_warning() is None  # no search judged it
     del data["numerics"]  # a plan written before the field: nothing to compare
     assert AllocationPlan.from_dict(data).numerics == {} and AllocationPlan.from_dict(data).numerics_warning() is None
+
+
+def test_a_sparsegpt_plan_searched_on_another_cpu_says_so():
+    """The search's CPU is saved; a SparseGPT plan applied on another one names what differs and the remedy."""
+    import torch
+
+    here, cpu = torch.get_num_threads(), cpu_identity()
+    assert cpu["model"] and cpu["capability"] == str(torch.backends.cpu.get_cpu_capability())
+    data = AllocationPlan(layer_sparsity=[0.4, 0.5, 0.6, 0.5], target=0.5, algorithm="sparsegpt", allocation="atp",
+                          chosen={"provider": "atp", "knobs": {"beta": 0.1}, "index": 1}, model=fp(),
+                          params_per_layer=[10, 10, 10, 10],
+                          candidates=[{"provider": "uniform"}, {"provider": "atp"}]).to_dict()
+    data["numerics"]["cpu"] = {**cpu, "capability": "ANOTHER"}
+    note = AllocationPlan.from_dict(data).numerics_warning()
+    assert note is not None and f"was searched on another CPU (capability 'ANOTHER' vs {cpu['capability']!r})" in note
+    assert "search again on this machine, or ship the model the search saved" in note and "thread" not in note[:60]
+    data["numerics"]["torch_threads"] = here + 1  # both differ: both reasons, both remedies
+    note = AllocationPlan.from_dict(data).numerics_warning()
+    assert (f"searched with {here + 1} torch thread(s) and is applied with {here} and was searched on another "
+            "CPU") in note
+    assert f"torch.set_num_threads({here + 1}) remakes it, or search again on this machine" in note
+    data["numerics"] = {"torch_threads": here, "cpu": {"model": cpu["model"]}}  # only what was recorded is compared
+    assert AllocationPlan.from_dict(data).numerics_warning() is None
+    assert AllocationPlan.from_dict({**data, "algorithm": "wanda", "numerics": {"cpu": {"model": "x"}}}
+                                    ).numerics_warning() is None

@@ -22,6 +22,7 @@ from layerif_plugins.integrations.llmcompressor.prune import calibration_batches
 from layerif_plugins.integrations.llmcompressor.search import prune_in_session
 from layerif_plugins.models import load_model_and_tokenizer
 from layerif_plugins.plan import AllocationPlan
+from layerif_plugins.plan.artifact import cpu_identity
 from layerif_plugins.plan.decide import token_mean
 
 pytestmark = pytest.mark.integration
@@ -179,7 +180,7 @@ def test_a_sparsegpt_plan_from_another_thread_count_warns_when_applied(stories_d
     prune_model(stories_dir, tmp_path / "searched", allocation="atp", n_holdout=4, **common)
     plan_file = tmp_path / "searched" / "plan.json"
     data = json.loads(plan_file.read_text())
-    assert data["numerics"] == {"torch_threads": torch.get_num_threads()}
+    assert data["numerics"] == {"torch_threads": torch.get_num_threads(), "cpu": cpu_identity()}
     with caplog.at_level("WARNING", logger="layerif_plugins"):
         prune_model(stories_dir, tmp_path / "same", plan=plan_file, **common)
     assert "torch thread(s)" not in caplog.text
