@@ -29,6 +29,7 @@ Usage: ``python benchmarks/retest_plans.py --model smollm2-135m --eval-docs 64``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
@@ -43,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_pruning import (  # noqa: E402  (sets the offline environment, puts the repo on sys.path)
     EVAL_NAMES,
+    PLANNER_COLUMNS,
     PLANNER_LABELS,
     REPO,
     append_row,
@@ -268,19 +270,37 @@ def cell_table(rows: list[dict[str, Any]]) -> list[str]:
 BASELINES = ("plan_uniform", "plan_owl", "plan_alpha_hill", "plan_atp", "plan_layerif")
 
 
-def verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def column_now(plan_path: Path) -> str | None:
+    """The column ``auto`` keeps under the current decision rule, taken again on the plan's saved candidates.
+
+    Why: the rule changed after some plans were made (2026-12-06: the sensitivity list is a tier of its
+    own); the plan records every candidate's per-example held-out losses, so the report can show what
+    the current code would have kept, and how that column did on test, without another search.
+    """
+    from layerif_plugins.plan.planner import decide_saved
+
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    if plan.get("allocation") != "auto":
+        return None
+    k, _, _ = decide_saved(plan["candidates"], plan["options"])
+    provider = plan["candidates"][k]["provider"]
+    return next((col for col, names in PLANNER_COLUMNS.items() if provider in names), None)
+
+
+def verdict(rows: list[dict[str, Any]], column: str = "plan_auto") -> dict[str, Any] | None:
     """One cell against the issue's bar: ``auto`` vs the best baseline on the retest's documents.
 
     The best baseline is the one with the lowest test perplexity on these documents (the strongest
     rival after the fact, which favours the baselines); ``auto − best`` is the paired mean ± standard
     error over documents (0 when auto kept that very list), and the verdict is *better* / *worse*
     beyond two standard errors, else *tie*. ``None`` when the cell lacks auto or every baseline.
+    ``column``: the column that stands for auto (``column_now``'s choice for the current rule).
     """
     by = {r["column"]: r for r in rows}
     rivals = [by[c] for c in BASELINES if c in by]
-    if "plan_auto" not in by or not rivals:
+    if column not in by or not rivals:
         return None
-    auto, best = by["plan_auto"], min(rivals, key=lambda r: r["ppl"])
+    auto, best = by[column], min(rivals, key=lambda r: r["ppl"])
     same = auto["layer_sparsity"] == best["layer_sparsity"]
     mean, se = (0.0, 0.0) if same else paired(auto, best)
     word = "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
@@ -288,28 +308,47 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             "se": se, "verdict": word}
 
 
-def tally_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
-    """All cells in one table: auto vs the best baseline, and how many cells are better / tie / worse."""
-    table, counts = [], {"better": 0, "tie": 0, "worse": 0}
+def tally_table(groups: dict[tuple, list[dict[str, Any]]], now: dict[str, str | None] | None = None) -> list[str]:
+    """All cells in one table: auto vs the best baseline, and how many cells are better / tie / worse.
+
+    ``now`` (plan name → column): auto's choice under the current rule (:func:`column_now`); its own
+    verdict and tally sit beside the plan's.
+    """
+    now = now or {}
+    table, counts, counts_now = [], {"better": 0, "tie": 0, "worse": 0}, {"better": 0, "tie": 0, "worse": 0}
     for key in sorted(groups):
         v = verdict(groups[key])
         if v is None:
             continue
         head = groups[key][0]
         counts[v["verdict"]] += 1
-        name = cell_name(head)
         diff = "0 (same list)" if v["same_list"] else f"{v['mean']:+.4f} ± {v['se']:.4f}"
-        table.append([name, f"{v['best']} {v['best_ppl']:.2f}", f"{v['auto_ppl']:.2f}", diff, v["verdict"]])
+        col = now.get(head["plan"])
+        w = verdict(groups[key], col) if col else None
+        if w is not None:
+            counts_now[w["verdict"]] += 1
+        again = "-" if w is None else ("same" if w["auto_ppl"] == v["auto_ppl"] else
+                                       f"{PLANNER_LABELS[col]} {w['auto_ppl']:.2f}: " +  # type: ignore[index]
+                                       ("0 (same list)" if w["same_list"] else f"{w['mean']:+.4f} ± {w['se']:.4f}")
+                                       + f", {w['verdict']}")
+        table.append([cell_name(head), f"{v['best']} {v['best_ppl']:.2f}", f"{v['auto_ppl']:.2f}", diff,
+                      v["verdict"], again])
     if not table:
         return []
-    return ["**auto vs the best baseline of each cell** (the baseline with the lowest test perplexity on these "
-            "documents; *better* / *worse*: beyond two paired standard errors): "
-            f"{counts['better']} better, {counts['tie']} tie, {counts['worse']} worse.", "",
-            markdown_table(["cell", "best baseline (test ppl)", "auto (test ppl)", "auto − best, nats/doc (± SE)",
-                            "verdict"], table), ""]
+    lines = ["**auto vs the best baseline of each cell** (the baseline with the lowest test perplexity on these "
+             "documents; *better* / *worse*: beyond two paired standard errors): "
+             f"{counts['better']} better, {counts['tie']} tie, {counts['worse']} worse."]
+    if any(now.values()):
+        lines[0] += (" *current rule*: what auto keeps when the current decision rule is applied to the plan's "
+                     "saved candidates (`decide_saved`; *same*: the plan's choice): "
+                     f"{counts_now['better']} better, {counts_now['tie']} tie, {counts_now['worse']} worse.")
+    return [*lines, "", markdown_table(["cell", "best baseline (test ppl)", "auto (test ppl)",
+                                        "auto − best, nats/doc (± SE)", "verdict", "current rule"], table), ""]
 
 
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
+    paths = {Path(p).name: Path(p) for p in args.plans}
+    now = {name: column_now(path) for name, path in paths.items() if path.is_file()}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["plan"], r["eval_docs"], threads_of(r)), []).append(r)
@@ -324,7 +363,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
              "SparseGPT at another thread count than the cell's makes another model (its sums run in another "
              "float order), so there neither figure reproduces the cell's: a second numerical draw of each "
              "column.", ""]
-    lines += tally_table(groups)
+    lines += tally_table(groups, now)
     for key in sorted(groups):
         lines += cell_table(groups[key])
     lines.append(f"Command: `python benchmarks/retest_plans.py --model {args.model} --eval-docs {args.eval_docs}`")

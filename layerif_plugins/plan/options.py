@@ -128,9 +128,9 @@ class AllocationOptions:
             target (``uniform``: the operating point, where the layers' costs interact; one more forward over the
             calibration data per layer).
         confirm_examples: auto: the last this-many held-out examples judge only the final decision (uniform, the best
-            ATP, the best of the rest), never the search that chose those finalists, so a margin won by picking the
-            best of many candidates on the same examples does not decide; 0 = one held-out set for both. Costs no
-            pruning pass (each candidate is measured on every held-out example once).
+            ATP, the best heuristic, the best sensitivity list), never the search that chose those finalists, so a
+            margin won by picking the best of many candidates on the same examples does not decide; 0 = one held-out
+            set for both. Costs no pruning pass (each candidate is measured on every held-out example once).
         judge_orders: auto: prune each finalist (uniform, the best ATP, the best of each other provider) at this many
             orders of the calibration batches and judge the per-example losses averaged over them; 1 = the search's
             order only. For SparseGPT at high sparsity, whose result moves with the floating-point order (the same

@@ -13,7 +13,8 @@ and the providers (:mod:`.providers`). What it does:
 3. stops proposing when the budget (pruning passes, seconds) is spent;
 4. decides: ``lowest`` — the lowest held-out loss, ties to the earlier candidate
    (uniform comes first, so it keeps every tie); ``auto`` — :func:`~.decide.choose_simplest`
-   on uniform, the best ATP and the best of every other provider (two paired standard
+   on uniform, the best ATP, the best one-knob heuristic (OWL, AlphaPruning, LayerIF) and the
+   best sensitivity list, each tier challenging the one kept so far (two paired standard
    errors by default).
 
 **Confirmation slice** (``confirm_examples``): the evaluator measures every held-out example; the
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 
 from layerif_plugins.errors import AllocationError, ConfigError
 from layerif_plugins.plan.decide import choose_simplest, example_losses, paired, token_mean
-from layerif_plugins.plan.providers import Proposal, Provider, Tried, _key
+from layerif_plugins.plan.providers import ATP, Proposal, Provider, Sensitivity, Tried, Uniform, _key
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def plan_allocation(
                 f"{c.provider} {c.knobs}: {c.error or c.status}" for c in cands))
         if orders > 1:
             assert evaluate_at is not None
-            new, again = _recheck_finalists(cands, _finalists(cands, providers), evaluate_at, orders, journal,
+            new, again = _recheck_finalists(cands, _finalists(cands, providers)[0], evaluate_at, orders, journal,
                                             confirm_examples, bar)
             passes, resumed = passes + new, resumed + again
     finally:
@@ -316,14 +317,15 @@ def recheck_prunes(orders: int, providers: Sequence[Provider]) -> int:
     return (orders - 1) * len({p.name for p in providers}) if orders > 1 else 0
 
 
-def _finalists(cands: list[Candidate], providers: Sequence[Provider]) -> list[int]:
-    """``auto``'s finalists: the lowest-loss candidate of each provider, in order of simplicity."""
+def _finalists(cands: list[Candidate], providers: Sequence[Provider]) -> tuple[list[int], list[int]]:
+    """``auto``'s finalists: the lowest-loss candidate of each provider, in order of simplicity; and their tiers."""
     rank = {p.name: (p.simplicity, k) for k, p in enumerate(providers)}
     best: dict[str, int] = {}
     for i, c in enumerate(cands):
         if c.ok and (c.provider not in best or c.loss < cands[best[c.provider]].loss):  # type: ignore[operator]
             best[c.provider] = i
-    return [best[n] for n in sorted(best, key=lambda n: rank.get(n, (9, 0)))]
+    names = sorted(best, key=lambda n: rank.get(n, (9, 0)))
+    return [best[n] for n in names], [rank.get(n, (9, 0))[0] for n in names]
 
 
 def _recheck_finalists(cands: list[Candidate], idx: Sequence[int], evaluate_at: OrderedEvaluator, orders: int,
@@ -390,26 +392,54 @@ def _decide(cands: list[Candidate], providers: Sequence[Provider], decision: Dec
         return best, [f"lowest held-out loss: {cands[best].provider} {cands[best].knobs} "
                       f"(perplexity {cands[best].perplexity:.4f})"], \
             "lowest held-out loss; a later candidate must be strictly lower (uniform first keeps ties)"
-    # auto: the best candidate of each provider, in order of simplicity (uniform, ATP, the rest)
-    idx = _finalists(cands, providers)
+    # auto: the best candidate of each provider, tier by tier (uniform, ATP, the heuristics, the search)
+    idx, tiers = _finalists(cands, providers)
     labels = [_label(cands[i]) for i in idx]
-    rule = (f"keep the simpler candidate (uniform, then ATP, then the others) unless another beats it "
-            f"by more than {sigmas:g} paired standard errors of the per-example held-out loss")
+    rule = (f"keep the simpler candidate (uniform, then ATP, then the best one-knob heuristic, then the per-layer "
+            f"search) unless the next tier's best beats it by more than {sigmas:g} paired standard errors of the "
+            "per-example held-out loss")
     notes = []
     if orders > 1:
         rule += f", averaged over {orders} calibration orders"
         notes.append(f"each finalist pruned at {orders} calibration orders; per-example losses averaged over them")
     search_losses = [_over_orders(cands[i], confirm=False) for i in idx]
     if not confirm_examples:
-        k, why = choose_simplest(labels, search_losses, sigmas)  # type: ignore[arg-type]
+        k, why = choose_simplest(labels, search_losses, sigmas, tiers=tiers)  # type: ignore[arg-type]
         return idx[k], [*notes, *why], rule
     # the finalists and the challenger come from the search's examples; the slice it never saw judges them
     k, why = choose_simplest(labels, [_over_orders(cands[i], confirm=True) for i in idx], sigmas,  # type: ignore[misc]
-                             pick=search_losses)  # type: ignore[arg-type]
+                             pick=search_losses, tiers=tiers)  # type: ignore[arg-type]
     return idx[k], [f"judged on the {confirm_examples} confirmation examples (the search never saw them)", *notes,
                     *why], rule + f", judged on the last {confirm_examples} held-out examples, which the search did " \
                                   "not see"
 
 
+@dataclass(frozen=True)
+class _Tier:
+    """A provider's name and simplicity tier: all ``_decide`` needs of a provider."""
+
+    name: str
+    simplicity: int
+
+
+#: the planner's providers in the order ``plan_pruning`` passes them, with their tiers (for saved plans)
+_SAVED_ORDER = ("uniform", "atp", "owl", "alpha_hill", "layerif", "sensitivity")
+
+
+def decide_saved(candidates: Sequence[dict[str, Any]], options: dict[str, Any]) -> tuple[int, list[str], str]:
+    """``auto``'s decision taken again, under the current rule, on a saved plan's candidates.
+
+    ``(index, why, rule)`` from the plan's ``candidates`` and ``options`` (``sigmas``,
+    ``confirm_examples``, ``judge_orders``); no pruning pass. Why: a plan records every candidate's
+    per-example held-out losses, so a change of the decision rule can be measured on plans made
+    before it (``benchmarks/retest_plans.py --report`` shows both choices beside the test results).
+    """
+    known = {Uniform.name: Uniform.simplicity, ATP.name: ATP.simplicity, Sensitivity.name: Sensitivity.simplicity}
+    tiers = [_Tier(n, known.get(n, Provider.simplicity)) for n in _SAVED_ORDER]
+    cands = [Candidate(**c) for c in candidates]
+    return _decide(cands, tiers, "auto", float(options.get("sigmas", 2.0)),  # type: ignore[arg-type]
+                   int(options.get("confirm_examples") or 0), int(options.get("judge_orders") or 1))
+
+
 __all__ = ["Budget", "Candidate", "Decision", "Evaluation", "Evaluator", "Journal", "OrderedEvaluator", "SearchResult",
-           "min_prunes", "plan_allocation", "recheck_prunes"]
+           "decide_saved", "min_prunes", "plan_allocation", "recheck_prunes"]

@@ -64,7 +64,7 @@ class Provider(ABC):
     """Base: ``name``, and :meth:`propose` returning the next stage of candidates (``[]`` = done)."""
 
     name: str
-    #: simplicity rank for ``auto``'s rule (uniform 0, ATP 1, the rest 2)
+    #: simplicity tier for ``auto``'s rule (uniform 0, ATP 1, the one-knob heuristics 2, the per-layer search 3)
     simplicity: int = 2
 
     @abstractmethod
@@ -278,6 +278,7 @@ class Sensitivity(Provider):
     step: float = 0.05
     max_moves: int = 8
     name: str = "sensitivity"
+    simplicity: int = 3  # its list is the best of many on the judging examples: it must beat the heuristics
     _table: SensitivityTable | None = field(default=None, repr=False)
 
     @property

@@ -69,6 +69,10 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
         diff, word = f"{mean:+.4f} ± {se:.4f}", "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
     assert (f"| {by[best]['label']} {by[best]['ppl']:.2f} | {by['plan_auto']['ppl']:.2f} | {diff} | {word} |"
             in report)
+    # the current rule taken again on the plan's saved candidates: this plan was made by it, so the same choice
+    now = rp.column_now(plan)
+    assert by[now]["layer_sparsity"] == by["plan_auto"]["layer_sparsity"]
+    assert f"| {diff} | {word} | same |" in report and "*current rule*" in report
     capsys.readouterr()
     assert rp.main(argv) == 0  # resumed: nothing is pruned again
     assert "[retest]" not in capsys.readouterr().out
@@ -114,3 +118,6 @@ def test_verdict_pairs_auto_with_the_baseline_of_lowest_test_perplexity(rp):
     sens = _column("plan_sensitivity", [1.0, 1.0, 1.0, 1.0], [0.2, 0.8])
     assert rp.verdict([uniform, atp, sens, _column("plan_auto", atp["doc_nll"], [0.4, 0.6])])["best"] == "atp"
     assert rp.verdict([uniform, atp, sens]) is None
+    # another column standing for auto (the current rule's choice on an older plan)
+    again = rp.verdict([uniform, atp, sens, _column("plan_auto", atp["doc_nll"], [0.4, 0.6])], "plan_sensitivity")
+    assert again["auto_ppl"] == sens["ppl"] and again["mean"] == pytest.approx(-1.3) and again["verdict"] == "better"

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +24,11 @@ from layerif_plugins.plan import (
 )
 from layerif_plugins.plan.artifact import cpu_identity
 from layerif_plugins.plan.decide import choose_simplest, paired
+from layerif_plugins.plan.planner import decide_saved
 from layerif_plugins.plan.providers import (
     ATP,
+    Proposal,
+    Provider,
     Sensitivity,
     SensitivityTable,
     Uniform,
@@ -129,6 +133,31 @@ def test_simplest_kept_unless_beaten_beyond_two_standard_errors():
     assert k == 2 and "beats uniform" in why[-1]
 
 
+def test_the_search_tier_must_beat_the_best_heuristic_not_only_atp():
+    """Tiers uniform 0, ATP 1, heuristics 2, search 3: the search's list challenges whatever was kept before it."""
+    base = [2.0, 2.5, 3.0, 2.2, 2.8, 2.4]
+    atp = [x - 0.10 for x in base]
+    heuristic = [x - 0.30 + e for x, e in zip(base, [0.01, -0.01, 0.02, 0.0, -0.02, 0.0], strict=True)]
+    # beats ATP clearly, but the heuristic by only 0.02 ± 0.03 (noise of the same size)
+    search = [x - 0.02 + e for x, e in zip(heuristic, [0.04, -0.04, 0.03, -0.03, 0.02, -0.02], strict=True)]
+    names = ["uniform", "atp", "layerif", "sensitivity"]
+    d = [s - h for s, h in zip(search, heuristic, strict=True)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    assert mean < 0 and -mean < 2 * se  # the premise: within two paired SE of the heuristic
+    assert max(s - a for s, a in zip(search, atp, strict=True)) < 0  # and below ATP on every example
+    k, why = choose_simplest(names, [base, atp, heuristic, search], tiers=[0, 1, 2, 3])
+    assert k == 2 and why[-1].startswith("sensitivity vs layerif") and "keep layerif" in why[-1]
+    # the default tiers (0, 1, 2, 2: the rest in one tier) pick the lowest mean of the rest instead
+    k, why = choose_simplest(names, [base, atp, heuristic, search])
+    assert k == 3 and "sensitivity beats atp" in why[-1]
+    # a heuristic that does not beat ATP leaves ATP as the incumbent the search must beat
+    k, why = choose_simplest(names, [base, atp, [x + 0.1 for x in base], search], tiers=[0, 1, 2, 3])
+    assert k == 3 and "sensitivity beats atp" in why[-1]
+    with pytest.raises(AllocationError, match="non-decreasing simplicity rank"):
+        choose_simplest(names, [base, atp, heuristic, search], tiers=[0, 2, 1, 3])
+
+
 # ----------------------------------------------------------------------------- the search loop
 
 
@@ -170,6 +199,72 @@ def test_planner_finds_the_minimum_and_respects_the_budget(tmp_path):
         plan_allocation(providers, evaluate, budget=Budget(prunes=1), decision="auto")
     with pytest.raises(ConfigError, match="budget prunes"):
         Budget(prunes=0)
+
+
+class Fixed(Provider):
+    """A one-candidate heuristic (tier 2, like OWL / AlphaPruning / LayerIF at one knob)."""
+
+    def __init__(self, name, layer_sparsity):
+        self.name, self.layer_sparsity = name, layer_sparsity
+
+    def propose(self, mine, everything):
+        return [] if mine else [Proposal(self.name, {}, self.layer_sparsity)]
+
+
+def test_auto_makes_the_sensitivity_list_beat_the_best_heuristic():
+    """End to end: a knapsack list within the noise of a heuristic that beat ATP does not replace it.
+
+    Made-up per-example losses by kind of list: uniform, ATP (linear), the heuristic's list, anything
+    else (the knapsack's). The knapsack is lower than the heuristic on average, but within two paired SE.
+    """
+    params, target = [1.0] * 6, 0.55
+    heuristic_list = [0.5, 0.55, 0.6, 0.6, 0.55, 0.5]
+    u = [2.0, 2.5, 3.0, 2.2, 2.8, 2.4, 2.6, 2.1]
+    by_kind = {"uniform": u, "atp": [x - 0.1 for x in u],
+               "heuristic": [x - 0.3 + e for x, e in zip(u, [0.01, -0.01, 0.02, 0.0, -0.02, 0.0, 0.01, -0.01],
+                                                          strict=True)]}
+    by_kind["search"] = [x - 0.02 + e for x, e in zip(by_kind["heuristic"], [0.04, -0.04, 0.03, -0.03, 0.02, -0.02,
+                                                                              0.05, -0.05], strict=True)]
+    seen = []
+
+    def evaluate(ls):
+        steps = {round(b - a, 9) for a, b in itertools.pairwise(ls)}
+        kind = ("uniform" if steps == {0.0} else "atp" if len(steps) == 1 else
+                "heuristic" if list(ls) == heuristic_list else "search")
+        seen.append(kind)
+        return Evaluation([x * 10 for x in by_kind[kind]], [10] * len(u), 0.0)
+
+    providers = [Uniform(6, target), ATP(params, target, beta=0.02), Fixed("layerif", heuristic_list),
+                 Sensitivity(lambda: table_of(params, target), params, target, max_moves=0)]
+    result = plan_allocation(providers, evaluate, decision="auto")
+    assert seen == ["uniform", "atp", "heuristic", "search"]
+    assert result.winner.provider == "layerif"
+    assert result.decision["why"][-1].startswith("sensitivity(source=knapsack) vs layerif()")
+    assert "then the per-layer search" in result.decision["rule"]
+    # without the heuristic the same knapsack list beats ATP clearly and is kept
+    result = plan_allocation([providers[0], providers[1], providers[3]], evaluate, decision="auto")
+    assert result.winner.provider == "sensitivity" and "beats atp" in result.decision["why"][-1]
+    # a saved plan's candidates decide the same way again
+    full = plan_allocation(providers, evaluate, decision="auto")
+    k, why, rule = decide_saved([c.to_dict() for c in full.candidates], {"sigmas": 2.0})
+    assert full.candidates[k].provider == "layerif" and why == full.decision["why"] and rule == full.decision["rule"]
+
+
+def test_the_tiered_rule_on_the_saved_plan_it_was_made_for():
+    """TinyStories Wanda 60 %, calibration seed 1 (benchmarks/results): the plan chose a sensitivity move (one
+    tier for all but ATP); under the tiers it keeps LayerIF*, whose lead over ATP and the move's over it are those
+    the plan recorded (docs/quality.md §0)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks/results/plan_smollm2-135m_tinystories_wanda_0.6_1.json"
+    plan = json.loads(path.read_text())
+    assert plan["chosen"]["provider"] == "sensitivity"
+    k, why, _ = decide_saved(plan["candidates"], plan["options"])
+    layerif = [c for c in plan["candidates"] if c["provider"] == "layerif" and c["loss"] is not None]
+    assert plan["candidates"][k] == min(layerif, key=lambda c: c["loss"])
+    assert plan["candidates"][k]["knobs"] == {"epsilon": 0.3, "invert": True}
+    move = plan["candidates"][plan["chosen"]["index"]]
+    p = paired(move["example_losses"], plan["candidates"][k]["example_losses"])
+    assert -p.mean < 2 * p.se and f"{p.mean:+.5f}" in why[-1]
+    assert why[-1].endswith("keep layerif(epsilon=0.3, invert=True)")
 
 
 def test_planner_resumes_from_its_journal(tmp_path):
