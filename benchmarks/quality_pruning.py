@@ -426,7 +426,7 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
                         judge_orders=args.judge_orders, overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
     variant = "".join(f"_{k}-{getattr(args, k)}" for k in ("planner_allocation", "sensitivity_around", "max_moves",
-                                                            "confirm_examples", "judge_orders")
+                                                            "sensitivity_examples", "confirm_examples", "judge_orders")
                       if getattr(args, k) != SIZE_DEFAULTS[k])
     shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
                 f"{cell['sparsity']}_{cell['seed']}{variant}.json")

@@ -142,14 +142,17 @@ def document_losses(path: Path, docs: list[str], held: Any = None) -> tuple[list
 
 def judged_examples(plan: Any, tok: Any, calib: Path) -> Any:
     """The held-out examples the plan's search judged its candidates on: in a planner cell, the ones after the
-    calibration examples in the cell's calibration file (made again as ``calib``); None when the plan says otherwise."""
+    calibration examples in the cell's calibration file (made again as ``calib``), less the last
+    ``confirm_examples`` (those judge only auto's decision; a candidate's recorded loss is over the rest);
+    None when the plan says otherwise."""
     from layerif_plugins.data import load_examples
 
     held = plan.data.get("holdout_file") or {}
     if not isinstance(held.get("examples"), list) or Path(str(held.get("file"))).name != calib.name:
         return None
     first, end = held["examples"]
-    return load_examples(calib, tok, max_length=int(held["max_length"]), n=end).subset(range(first, end))
+    search_end = end - int(plan.options.get("confirm_examples") or 0)
+    return load_examples(calib, tok, max_length=int(held["max_length"]), n=end).subset(range(first, search_end))
 
 
 def ppl(nll: list[float], tokens: list[int]) -> float:
