@@ -141,30 +141,85 @@ class Journal:
         self.path = Path(path) if path is not None else None
         self.context = context
         self.rows: dict[tuple[int, tuple[int, ...]], Evaluation] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: ignore it
-                    continue
-                if isinstance(row, dict) and row.get("context") == context:
-                    key = (int(row.get("order", 0)), _key(row["layer_sparsity"]))
-                    self.rows[key] = Evaluation(row["sums"], row["counts"], row["seconds"])
+        for row in _read_rows(self.path, context):
+            key = (int(row.get("order", 0)), _key(row["layer_sparsity"]))
+            self.rows[key] = Evaluation(row["sums"], row["counts"], row["seconds"])
 
     def get(self, layer_sparsity: Sequence[float], order: int = 0) -> Evaluation | None:
         return self.rows.get((order, _key(layer_sparsity)))
 
     def add(self, layer_sparsity: Sequence[float], ev: Evaluation, order: int = 0) -> None:
         self.rows[(order, _key(layer_sparsity))] = ev
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"context": self.context, "layer_sparsity": list(layer_sparsity), "sums": ev.sums,
-                           "counts": ev.counts, "seconds": ev.seconds, **({"order": order} if order else {})})
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_row(self.path, {"context": self.context, "layer_sparsity": list(layer_sparsity), "sums": ev.sums,
+                                "counts": ev.counts, "seconds": ev.seconds, **({"order": order} if order else {})})
+
+
+class TableJournal:
+    """Finished rows of a sensitivity table on disk, so an interrupted table resumes at the next layer.
+
+    The table is the costly part of ``allocation: sensitivity`` (one prune per layer and level:
+    210 on SmolLM2-135M, most of a search's time). It shares the search's journal file; its rows
+    carry their own context (model, algorithm, target, table examples, grid, ``sensitivity_around``)
+    and the base loss they were measured against: a row is reused only when both match, so a
+    journal of another table, or of other weights under the same config, is never read back.
+    """
+
+    def __init__(self, path: str | Path | None, context: str):
+        self.path = Path(path) if path is not None else None
+        self.context = f"sensitivity-table|{context}"
+        self._rows: dict[int, tuple[float, list[float | None]]] = {}
+        for row in _read_rows(self.path, self.context):
+            self._rows[int(row["layer"])] = (float(row["base_loss"]), list(row["costs"]))
+
+    def get(self, layer: int, base_loss: float) -> list[float | None] | None:
+        """The layer's finished row, if it was measured against this base loss (to float noise)."""
+        got = self._rows.get(layer)
+        if got is None or abs(got[0] - base_loss) > TABLE_BASE_TOLERANCE:
+            return None
+        return list(got[1])
+
+    def add(self, layer: int, base_loss: float, costs: Sequence[float | None]) -> None:
+        self._rows[layer] = (base_loss, list(costs))
+        _append_row(self.path, {"context": self.context, "layer": layer, "base_loss": base_loss,
+                                "costs": list(costs)})
+
+
+#: most a resumed table row's base loss may differ from the re-measured one (nats; float noise only)
+TABLE_BASE_TOLERANCE = 1e-6
+
+
+def _read_rows(path: Path | None, context: str) -> list[dict[str, Any]]:
+    """The JSON rows of a journal file written under ``context`` (a line cut by a kill is skipped)."""
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("context") == context:
+            rows.append(row)
+    return rows
+
+
+def _append_row(path: Path | None, row: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it: a finished row survives a kill right after.
+
+    A line a kill cut short has no newline; the row starts on a line of its own, not glued to it.
+    """
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            cut = fh.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(("\n" if cut else "") + json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @dataclass
@@ -442,4 +497,4 @@ def decide_saved(candidates: Sequence[dict[str, Any]], options: dict[str, Any]) 
 
 
 __all__ = ["Budget", "Candidate", "Decision", "Evaluation", "Evaluator", "Journal", "OrderedEvaluator", "SearchResult",
-           "decide_saved", "min_prunes", "plan_allocation", "recheck_prunes"]
+           "TableJournal", "decide_saved", "min_prunes", "plan_allocation", "recheck_prunes"]

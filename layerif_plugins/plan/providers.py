@@ -233,10 +233,11 @@ class SensitivityTable:
     base_loss: float
     seconds: float = 0.0
     layer_prunes: int = 0
+    resumed_layers: int = 0  # rows read back from an interrupted run's journal (their prunes are not counted)
 
     def to_dict(self) -> dict[str, Any]:
         return {"grid": self.grid, "costs": self.costs, "center": self.center, "base_loss": self.base_loss,
-                "seconds": self.seconds, "layer_prunes": self.layer_prunes}
+                "seconds": self.seconds, "layer_prunes": self.layer_prunes, "resumed_layers": self.resumed_layers}
 
     def cost_at(self, layer: int, level: float) -> float:
         """Linear interpolation of ``costs[layer]`` at ``level`` (clamped to the measured range)."""

@@ -46,7 +46,7 @@ from layerif_plugins.plan import knapsack
 from layerif_plugins.plan.artifact import AllocationPlan
 from layerif_plugins.plan.decide import token_mean
 from layerif_plugins.plan.options import SENSITIVITY_AROUND, AllocationOptions
-from layerif_plugins.plan.planner import Budget, Evaluation, Journal, SearchResult, plan_allocation
+from layerif_plugins.plan.planner import Budget, Evaluation, Journal, SearchResult, TableJournal, plan_allocation
 from layerif_plugins.plan.providers import (
     ATP,
     OWL,
@@ -200,14 +200,16 @@ def _layer_resume(model: torch.nn.Module, held: Examples) -> LayerResume | None:
 
 def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], params: Sequence[int], target: float,
                         algorithm: str, fields: dict[str, Any], batches: Sequence[Batch], held: Examples,
-                        step: float, half_width: int, show_progress: bool = False, around: str = "dense"
-                        ) -> SensitivityTable:
+                        step: float, half_width: int, show_progress: bool = False, around: str = "dense",
+                        journal: TableJournal | None = None) -> SensitivityTable:
     """The held-out loss increase of moving each layer alone to each level of a grid centred on ``target``.
 
     ``around="dense"``: every other layer dense, the increase over the dense model. ``"uniform"``: every
     other layer pruned at ``target`` (:func:`sequential_prune`), the increase over that uniform model — a
     local model of the loss at the operating point, where the layers' costs interact (at 70 % the dense
     table's additive prediction did not carry over: docs/quality.md §0). The model is left as it came.
+    With a ``journal`` each finished layer's row is saved, and rows measured against the same base loss
+    are read back instead of pruned again: an interrupted table resumes at the next layer.
     """
     from compressed_tensors.utils import update_offload_parameter
 
@@ -222,8 +224,9 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
     dense = {layer: WeightSnapshot(mods) for layer, mods in by_layer.items()} if around == "uniform" else {}
     resume = None
     costs: list[list[float | None]] = []
-    prunes = 0
-    bar = tqdm(total=len(by_layer) * len(allowed), desc="planning: sensitivity", unit="layer-prune",
+    prunes = resumed = 0
+    per_layer = len(allowed) - (1 if around == "uniform" and half_width in allowed else 0)  # the point itself: 0
+    bar = tqdm(total=len(params) * per_layer, desc="planning: sensitivity", unit="layer-prune",
                disable=not show_progress)
     try:
         if around == "uniform":
@@ -233,6 +236,12 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
         resume = _layer_resume(model, held)
         base = token_mean(*(resume.capture() if resume is not None else _held_out_losses(model, held)))
         for layer in range(len(params)):
+            done = journal.get(layer, base) if journal is not None else None
+            if done is not None:
+                costs.append(done)
+                resumed += 1
+                bar.update(per_layer)
+                continue
             mods = by_layer.get(layer, [])
             current = WeightSnapshot(mods)  # dense, or at the target
             row: list[float | None] = []
@@ -256,6 +265,8 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
                 prunes += 1
                 bar.update(1)
             costs.append(row)
+            if journal is not None:
+                journal.add(layer, base, row)
     finally:
         bar.close()
         if resume is not None:
@@ -263,7 +274,7 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
         for snapshot in dense.values():
             snapshot.restore()
     return SensitivityTable(grid=grid, costs=costs, center=half_width, base_loss=base,
-                            seconds=time.perf_counter() - t0, layer_prunes=prunes)
+                            seconds=time.perf_counter() - t0, layer_prunes=prunes, resumed_layers=resumed)
 
 
 # ----------------------------------------------------------------------------- providers
@@ -419,14 +430,18 @@ def make_plan(
         raise ConfigError(f"confirm_examples={options.confirm_examples} leaves {max(left, 0)} of the {len(held)} "
                           "held-out examples to judge the search (at least 2): hold out more (n_holdout / holdout) "
                           "or lower confirm_examples")
+    context = (f"{fingerprint(model).config_hash}|{algorithm}|{target}|{held.fingerprint()}|{len(prune_batches)}"
+               f"|{fields}")
     t0 = time.perf_counter()
     extras: dict[str, Any] = {}
 
     def table_for() -> SensitivityTable:
         table_examples = table_examples_for(options, table_held, prune_batches)
+        rows = TableJournal(journal_path, f"{context}|{table_examples.fingerprint()}|{options.sensitivity_step}"
+                                          f"|{options.sensitivity_levels}|{options.sensitivity_around}")
         table = measure_sensitivity(model, modules, params, target, algorithm, fields, prune_batches, table_examples,
                                     options.sensitivity_step, options.sensitivity_levels, show_progress,
-                                    around=options.sensitivity_around)
+                                    around=options.sensitivity_around, journal=rows)
         extras["sensitivity"] = {**table.to_dict(), "examples": table_examples.fingerprint(),
                                  "around": options.sensitivity_around}
         return table
@@ -438,8 +453,6 @@ def make_plan(
                                           scores=scores, score_for=score_for,
                                           owl_for=owl_scores_factory(model, prune_batches), table_for=table_for)
     evaluate = make_evaluator(model, modules, make_modifier, prune_batches, held, sequential_targets)
-    context = (f"{fingerprint(model).config_hash}|{algorithm}|{target}|{held.fingerprint()}|{len(prune_batches)}"
-               f"|{fields}")
     journal = Journal(journal_path, context)
     result = plan_allocation(providers, evaluate, budget=Budget(options.budget_prunes, options.budget_seconds),
                              decision=decision, sigmas=options.sigmas, journal=journal, show_progress=show_progress,
@@ -451,6 +464,7 @@ def make_plan(
                             scores=scores, data=data, extras=extras)
     plan.cost["seconds"] = time.perf_counter() - t0
     plan.cost["layer_prunes"] = extras.get("sensitivity", {}).get("layer_prunes", 0)
+    plan.cost["resumed_layers"] = extras.get("sensitivity", {}).get("resumed_layers", 0)
     win = result.winner
     logger.info("plan (%s): chose %s %s, held-out perplexity %.4f (%d pruning passes, %.0f s)", options.allocation,
                 win.provider, {k: v for k, v in win.knobs.items() if k != "levels"}, win.perplexity,

@@ -77,6 +77,59 @@ def test_sensitivity_entry_is_the_stock_modifier_pruning_that_layer_alone(storie
         assert loss - table.base_loss == pytest.approx(table.costs[layer][k], abs=1e-5)
 
 
+class _Stop(Exception):
+    """Stands in for a kill in the middle of a table."""
+
+
+def _stop_after(monkeypatch, calls: int) -> None:
+    """Make the table's own prune of one module raise after ``calls`` of them (an interruption mid-table)."""
+    from layerif_plugins.integrations.llmcompressor import planning
+
+    real, count = planning._sparsify, [0]
+
+    def sparsify(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise _Stop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "_sparsify", sparsify)
+
+
+@pytest.mark.parametrize("around", ["dense", "uniform"])
+def test_an_interrupted_sensitivity_table_resumes_at_the_next_layer(stories_dir, tinystories_train,
+                                                                    tinystories_valid, around, tmp_path,
+                                                                    monkeypatch):
+    """Finished rows are journaled; a rerun reads them back and prunes only the rest: the same table, exactly."""
+    from layerif_plugins.plan.planner import TableJournal
+
+    model, batches, held, mod, modules, params = _sensitivity_setup(stories_dir, tinystories_train,
+                                                                    tinystories_valid, "wanda")
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = (model, modules, params, 0.5, "wanda", mod.algorithm_fields(), batches, held)
+    full = measure_sensitivity(*args, step=0.2, half_width=1, around=around)
+    per_layer = 3 if around == "dense" else 2  # around uniform the operating point itself needs no prune
+    path = tmp_path / "plan.json.journal.jsonl"
+    with monkeypatch.context() as m:
+        first = len(modules) if around == "uniform" else 0  # the uniform prune the table is measured around
+        _stop_after(m, first + (2 * per_layer + 1) * len(modules) // len(params))  # layers 0, 1 finish; 2 is cut
+        with pytest.raises(_Stop):
+            measure_sensitivity(*args, step=0.2, half_width=1, around=around, journal=TableJournal(path, "ctx"))
+    assert all(torch.equal(dense[n], p) for n, p in model.named_parameters())  # the interruption left it dense
+    assert len(path.read_text().splitlines()) == 2
+    with path.open("a") as fh:
+        fh.write('{"context": "sensitivity-table|ctx", "layer": 2, "ba')  # a line cut by the kill
+    again = measure_sensitivity(*args, step=0.2, half_width=1, around=around, journal=TableJournal(path, "ctx"))
+    assert again.costs == full.costs and again.base_loss == full.base_loss
+    assert (again.resumed_layers, again.layer_prunes) == (2, 3 * per_layer)
+    # every row is now journaled: a third run prunes nothing; another context or base loss reuses nothing
+    third = measure_sensitivity(*args, step=0.2, half_width=1, around=around, journal=TableJournal(path, "ctx"))
+    assert third.costs == full.costs and (third.resumed_layers, third.layer_prunes) == (5, 0)
+    assert TableJournal(path, "another table").get(0, full.base_loss) is None
+    assert TableJournal(path, "ctx").get(0, full.base_loss + 1e-3) is None
+    assert TableJournal(path, "ctx").get(0, full.base_loss) == full.costs[0]
+
+
 @pytest.mark.parametrize("algorithm", ["wanda", "sparsegpt"])
 def test_sensitivity_around_uniform_is_measured_at_the_stock_uniform_prune(stories_dir, tinystories_train,
                                                                            tinystories_valid, algorithm, monkeypatch):
@@ -290,6 +343,30 @@ def test_table_examples_follow_the_held_out_ones_or_fall_back_to_calibration(sto
     first = [tuple(b["input_ids"][0].tolist()) for b in batches[:4]]
     assert table_examples_for(options, None, batches).input_ids == tuple(first)
     assert all(x in got.calibration.input_ids for x in first)
+
+
+def test_a_plan_interrupted_in_its_sensitivity_table_resumes_to_the_same_plan(stories_dir, tinystories_train,
+                                                                              tmp_path, monkeypatch):
+    """`plan_pruning` killed mid-table keeps the finished rows; the same call again prunes only the rest."""
+    common = dict(sparsity=0.5, allocation="sensitivity", max_moves=1, sensitivity_levels=1, calib=tinystories_train,
+                  n_calib=N_CALIB, n_holdout=4, max_length=MAX_LEN, show_progress=False)
+    fresh = plan_pruning(stories_dir, tmp_path / "fresh.json", **common)
+    out, journal = tmp_path / "plan.json", tmp_path / "plan.json.journal.jsonl"
+    model, _ = load_model_and_tokenizer(stories_dir)
+    modules, params = LayerIFWandaPruningModifier(sparsity=0.5).resolve_targets(model)
+    with monkeypatch.context() as m:
+        _stop_after(m, 3 * 3 * len(modules) // len(params))  # three whole layers of the table, then a kill
+        with pytest.raises(_Stop):
+            plan_pruning(stories_dir, out, **common)
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert not out.exists() and sum(r["context"].startswith("sensitivity-table|") for r in rows) == 3
+    again = plan_pruning(stories_dir, out, **common)
+    assert again.extras["sensitivity"]["costs"] == fresh.extras["sensitivity"]["costs"]
+    assert (again.cost["resumed_layers"], again.cost["layer_prunes"]) == (3, 2 * 3)
+    assert fresh.cost["resumed_layers"] == 0 and fresh.cost["layer_prunes"] == 5 * 3
+    assert again.layer_sparsity == fresh.layer_sparsity
+    assert [c["loss"] for c in again.candidates] == [c["loss"] for c in fresh.candidates]
+    assert not journal.exists()
 
 
 def test_budget_too_small_is_refused_before_any_work(stories_dir, tinystories_train, tmp_path):
