@@ -16,8 +16,11 @@ docs/quality.md are kept in ``benchmarks/results/``. This script is the step bet
 
 A row or file that is already there with *other numbers* (a rerun of the same cell) is a conflict:
 nothing is written and the conflicts are listed, unless ``--replace`` says the new measurement
-replaces the old one. Every file is written whole and atomically, so a stopped run leaves the
-results as they were. Then rebuild the report:
+replaces the old one. Every file is written whole and atomically, and a signal waits until all are
+written, so a stopped run leaves the results as they were or fully collected; two collections at
+once: the later one to finish finds its files changed and keeps its versions beside them
+(``NAME.layerif-conflict-PID``, the project's rule for racing outputs) instead of dropping rows.
+Then rebuild the report:
 ``python benchmarks/retest_plans.py --report --out benchmarks/results --eval-docs 32``.
 
 Usage: ``python benchmarks/collect_results.py bench_out/wt_sg60_s1 bench_out/ts_sg60_s1``
@@ -35,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_pruning import REPO, cell_key, model_tag, read_rows, row_sizes  # noqa: E402
 from retest_plans import threads_of  # noqa: E402
 
-from layerif_plugins.io import atomic_write_text  # noqa: E402
+from layerif_plugins.errors import ConfigError  # noqa: E402
+from layerif_plugins.io import atomic_write_text, deferred_signals, expect  # noqa: E402
 
 #: what two measurements of the same key must agree on to be the same measurement
 CELL_NUMBERS = ("ppl", "layer_sparsity", "holdout_ppl")
@@ -65,6 +69,8 @@ class Merge:
     def rows(self, name: str, new: list[dict[str, Any]], key, numbers: tuple[str, ...], source: Path) -> None:
         """Add ``new`` to ``results/name`` (rows of the same key: skipped when equal, a conflict when not)."""
         path = self.results / name
+        if path not in self.texts:
+            expect(path)  # another collection writing it meanwhile makes ours fail at the swap, not drop its rows
         old = read_rows(path) if path not in self.texts else [json.loads(x) for x in self.texts[path].splitlines()]
         at = {key(r): i for i, r in enumerate(old)}
         count = 0
@@ -87,6 +93,7 @@ class Merge:
     def file(self, src: Path, keep_first: bool = False) -> None:
         """Copy a plan / scores file; a plan of the same name with other content is a conflict."""
         dst = self.results / src.name
+        expect(dst)
         text = src.read_text(encoding="utf-8")
         json.loads(text)  # a cut file is refused here, not copied
         if dst.is_file() and (keep_first or dst.read_text(encoding="utf-8") == text):
@@ -114,8 +121,10 @@ class Merge:
             self.rows(retest.name, read_rows(retest), retest_row_key, RETEST_NUMBERS, folder)
 
     def write(self) -> None:
-        for path, text in self.texts.items():
-            atomic_write_text(path, text)
+        """Each file whole by one rename; Ctrl-C / SIGTERM wait until all are written (no half-collected cell)."""
+        with deferred_signals():
+            for path, text in self.texts.items():
+                atomic_write_text(path, text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing written: these were measured before with other numbers (--replace to take the new ones)")
         print("\n".join(f"- {c}" for c in merge.conflicts))
         return 1
-    merge.write()
+    try:
+        merge.write()
+    except ConfigError as exc:  # another collection wrote a file meanwhile: ours is beside it, named in the message
+        print(f"error: {exc}\nrun the collection again: what the other one added is kept, ours is added once")
+        return 2
     for name, count in sorted(merge.added.items()):
         print(f"{name}: +{count}" if name.endswith(".jsonl") else f"copied {name}")
     if not merge.added:

@@ -100,3 +100,23 @@ def test_a_rerun_with_other_numbers_is_refused_whole_unless_replace(cr, split, c
 def test_a_folder_without_cell_rows_is_refused_naming_the_file(cr, tmp_path):
     with pytest.raises(SystemExit, match=f"has no {CELLS}.*--model"):
         cr.main([str(tmp_path), "--results", str(RESULTS)])
+
+
+def test_two_collections_at_once_never_drop_rows(cr, split):
+    """The rows file rewritten (by another process's rename) after ours read it: refused, our version kept beside."""
+    import os
+
+    from layerif_plugins.errors import ConfigError
+
+    kept, cell = split
+    merge = cr.Merge(kept, TAG)
+    merge.cell(cell)
+    theirs = kept / f".{CELLS}.theirs"
+    theirs.write_text((kept / CELLS).read_text() + json.dumps({"task": "x", "algorithm": "dense"}) + "\n")
+    os.replace(theirs, kept / CELLS)  # what another collection's atomic write does meanwhile
+    before = (kept / CELLS).read_bytes()
+    with pytest.raises(ConfigError, match="conflict"):
+        merge.write()
+    assert (kept / CELLS).read_bytes() == before  # their rows stay; ours are beside, whole, to collect again
+    beside = list(kept.glob(f"{CELLS}*conflict*")) + list(kept.glob(f"*{Path(CELLS).stem}*conflict*"))
+    assert beside and sorted(_lines(beside[0])) == sorted(_lines(RESULTS / CELLS))
