@@ -394,15 +394,20 @@ def column_plans(plan_path: Path, work: Path) -> dict[str, tuple[Path, dict[str,
 
     plan = AllocationPlan.load(plan_path)
     out: dict[str, tuple[Path, dict[str, Any]]] = {"plan_auto": (plan_path, plan.candidates[plan.chosen["index"]])}
-    for column, providers in PLANNER_COLUMNS.items():
-        mine = [(i, c) for i, c in enumerate(plan.candidates) if c["provider"] in providers
-                and c.get("loss") is not None]
-        if not mine:
-            continue
-        i, best = min(mine, key=lambda ic: (ic[1]["loss"], ic[0]))
+    for column, (i, best) in column_candidates(plan.candidates).items():
         path = work / f"{column}.json"
         replace(plan, layer_sparsity=best["layer_sparsity"], chosen={**best, "index": i}).save(path)
         out[column] = (path, best)
+    return out
+
+
+def column_candidates(candidates: list[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Each column's candidate of a plan: its provider(s)' lowest held-out loss, as (index, candidate)."""
+    out = {}
+    for column, providers in PLANNER_COLUMNS.items():
+        mine = [(i, c) for i, c in enumerate(candidates) if c["provider"] in providers and c.get("loss") is not None]
+        if mine:
+            out[column] = min(mine, key=lambda ic: (ic[1]["loss"], ic[0]))
     return out
 
 

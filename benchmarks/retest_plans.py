@@ -14,7 +14,10 @@ the calibration-seed spread. This script reads the plans those cells saved
   the test paragraphs in file order; TinyStories: the validation stories after the scoring ones);
 * each column's difference to ``auto`` comes with a paired standard error over documents
   (mean of per-document mean token losses; ``*`` = beyond two standard errors), the test-side
-  noise the calibration-seed spread does not show.
+  noise the calibration-seed spread does not show;
+* the report checks the search's own judgement against unseen documents: for every default ``auto``
+  plan, auto − each other column on the held-out examples the search decided on (from the plan) beside
+  the same pair on the test documents, cross-counted by verdict (beyond two standard errors or not).
 
 No search runs here: the plans fix every per-layer list. Cost: one ``oneshot`` and one
 evaluation per column (SmolLM2: ≈ 15 s / 60 s per Wanda / SparseGPT prune, ≈ 1.4 s per test
@@ -49,6 +52,7 @@ from quality_pruning import (  # noqa: E402  (sets the offline environment, puts
     REPO,
     append_row,
     calibration_file,
+    column_candidates,
     column_plans,
     model_tag,
     read_rows,
@@ -349,6 +353,100 @@ def tally_table(groups: dict[tuple, list[dict[str, Any]]], now: dict[str, str | 
                                         "auto − best, nats/doc (± SE)", "verdict", "current rule"], table), ""]
 
 
+def reproduces_search(row: dict[str, Any]) -> bool:
+    """The retest pruned the very model the search judged: its held-out perplexity is the search's figure."""
+    judged, saved = row.get("holdout_ppl"), row.get("holdout_ppl_saved")
+    return judged is not None and saved is not None and abs(saved / judged - 1) < 1e-3
+
+
+def paired_examples(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean ± standard error of (a − b) over paired held-out examples."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def heldout_and_test(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """auto vs every other column of one retested cell, on the search's held-out examples and on the test documents.
+
+    The held-out side is what the search saw when it decided (each column's candidate's per-example
+    losses, saved in the plan); the test side is :func:`paired` on the retest's documents. Only
+    columns whose retest pruned the model the search judged (:func:`reproduces_search`), and not
+    auto's own list.
+    """
+    by = {r["column"]: r for r in rows if reproduces_search(r)}
+    if "plan_auto" not in by:
+        return []
+    candidates = plan["candidates"]
+    auto_losses = candidates[plan["chosen"]["index"]]["example_losses"]
+    out = []
+    for column, (_, cand) in column_candidates(candidates).items():
+        r = by.get(column)
+        if r is None or r["layer_sparsity"] == by["plan_auto"]["layer_sparsity"] or not cand.get("example_losses"):
+            continue
+        held, held_se = paired_examples(auto_losses, cand["example_losses"])
+        test, test_se = paired(by["plan_auto"], r)
+        out.append({"column": column, "label": r["label"], "held": held, "held_se": held_se, "test": test,
+                    "test_se": test_se})
+    return out
+
+
+def beyond(mean: float, se: float, sigmas: float = 2.0) -> str:
+    return "tie" if abs(mean) <= sigmas * se else ("better" if mean < 0 else "worse")
+
+
+def heldout_vs_test_section(groups: dict[tuple, list[dict[str, Any]]], paths: dict[str, Path]) -> list[str]:
+    """How far the search's held-out verdicts carry to unseen documents (each default ``auto`` plan once).
+
+    Why: ``auto`` keeps a candidate because it beat the others on the held-out examples by more than
+    two paired standard errors, and the same examples chose the knobs and the moves, so its held-out
+    margins are biased in its favour (the best of many). This tells a user how much of a held-out
+    margin to expect on their test data: for every pair (auto, another column) the held-out verdict
+    against the test verdict, and the test margin as a share of the held-out one.
+    """
+    pairs: list[tuple[str, dict[str, Any]]] = []
+    closest: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for key in sorted(groups, key=lambda k: (k[0], k[2])):  # per plan: the fewest threads first
+        head = groups[key][0]
+        path = paths.get(head["plan"])
+        if head["variant"] or head["plan"] in seen or path is None or not path.is_file():
+            continue
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        if plan.get("allocation") != "auto":
+            continue
+        found = heldout_and_test(groups[key], plan)
+        if found:
+            seen.add(head["plan"])
+            pairs += [(cell_name(head), f) for f in found]
+            closest.append(max(found, key=lambda f: f["held"]))  # the rival auto beat by the least on held-out
+    if not pairs:
+        return []
+    near = {w: sum(beyond(f["test"], f["test_se"]) == w for f in closest) for w in ("better", "tie", "worse")}
+    counts: dict[tuple[str, str], int] = {}
+    for _, f in pairs:
+        k = (beyond(f["held"], f["held_se"]), beyond(f["test"], f["test_se"]))
+        counts[k] = counts.get(k, 0) + 1
+    cross = [[f"held-out: auto {h}" + (" (within 2 SE)" if h == "tie" else " (beyond 2 SE)"),
+              *(str(counts.get((h, t), 0)) for t in ("better", "tie", "worse"))]
+             for h in ("better", "tie", "worse") if any(counts.get((h, t)) for t in ("better", "tie", "worse"))]
+    won = [f["test"] / f["held"] for _, f in pairs if beyond(f["held"], f["held_se"]) == "better"]
+    share = (f" Where auto won on held-out data beyond 2 SE, the test margin was a median "
+             f"{statistics.median(won):.0%} of the held-out one (quartiles "
+             f"{statistics.quantiles(won, n=4)[0]:.0%} – {statistics.quantiles(won, n=4)[2]:.0%})."
+             if len(won) >= 2 else "")
+    table = [[name, f["label"], f"{f['held']:+.4f} ± {f['held_se']:.4f}", f"{f['test']:+.4f} ± {f['test_se']:.4f}",
+              beyond(f["held"], f["held_se"]), beyond(f["test"], f["test_se"])] for name, f in pairs]
+    return [f"**Held-out verdicts on unseen documents** ({len(seen)} default `auto` plans, each once at the "
+            f"thread count that reproduces its search; {len(pairs)} pairs of auto and another column). Held-out: "
+            "auto − column over the search's held-out examples (nats/example; the same examples chose the knobs "
+            "and the moves, so these margins favour auto); test: the same pair on the test documents "
+            f"(nats/doc).{share} Against each cell's closest rival on held-out data (the column auto beat by "
+            f"the least): {near['better']} better, {near['tie']} tie, {near['worse']} worse on test.", "",
+            markdown_table(["held-out verdict", "test: auto better", "test: tie", "test: auto worse"], cross), "",
+            markdown_table(["cell", "column", "held-out auto − column", "test auto − column", "held-out", "test"],
+                           table), ""]
+
+
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
     paths = {Path(p).name: Path(p) for p in args.plans}
     now = {name: column_now(path) for name, path in paths.items() if path.is_file()}
@@ -367,6 +465,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
              "float order), so there neither figure reproduces the cell's: a second numerical draw of each "
              "column.", ""]
     lines += tally_table(groups, now)
+    lines += heldout_vs_test_section(groups, paths)
     for key in sorted(groups):
         lines += cell_table(groups[key])
     lines.append(f"Command: `python benchmarks/retest_plans.py --model {args.model} --eval-docs {args.eval_docs}`")

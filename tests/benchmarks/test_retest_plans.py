@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,49 @@ def test_verdict_pairs_auto_with_the_baseline_of_lowest_test_perplexity(rp):
     # another column standing for auto (the current rule's choice on an older plan)
     again = rp.verdict([uniform, atp, sens, _column("plan_auto", atp["doc_nll"], [0.4, 0.6])], "plan_sensitivity")
     assert again["auto_ppl"] == sens["ppl"] and again["mean"] == pytest.approx(-1.3) and again["verdict"] == "better"
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_heldout_and_test_pairs_match_a_by_hand_computation_on_a_kept_cell(rp):
+    """WikiText-2 Wanda 70 %, seed 1 (kept rows and plan; auto chose sensitivity): auto vs ATP*, both sides by numpy."""
+    name = "plan_smollm2-135m_wikitext2_wanda_0.7_1.json"
+    plan = json.loads((RESULTS / name).read_text())
+    rows = [r for r in rp.read_rows(RESULTS / "retest_plans_smollm2-135m.jsonl")
+            if r["plan"] == name and r["eval_docs"] == 32 and r["threads"] == 1]
+    found = {f["column"]: f for f in rp.heldout_and_test(rows, plan)}
+    # held-out: the chosen candidate's per-example losses minus those of ATP's lowest-loss candidate
+    atp = min((c for c in plan["candidates"] if c["provider"] == "atp" and c["loss"] is not None),
+              key=lambda c: c["loss"])
+    held = np.array(plan["candidates"][plan["chosen"]["index"]]["example_losses"]) - np.array(atp["example_losses"])
+    assert found["plan_atp"]["held"] == pytest.approx(held.mean(), rel=1e-12)
+    assert found["plan_atp"]["held_se"] == pytest.approx(held.std(ddof=1) / math.sqrt(len(held)), rel=1e-12)
+    # test: per-document mean token loss, auto minus ATP*
+    by = {r["column"]: r for r in rows}
+    per_doc = {c: np.array(by[c]["doc_nll"]) / np.array(by[c]["doc_tokens"]) for c in ("plan_auto", "plan_atp")}
+    test = per_doc["plan_auto"] - per_doc["plan_atp"]
+    assert found["plan_atp"]["test"] == pytest.approx(test.mean(), rel=1e-12)
+    assert found["plan_atp"]["test_se"] == pytest.approx(test.std(ddof=1) / math.sqrt(32), rel=1e-12)
+    # every column whose list differs from auto's is a pair
+    assert set(found) == {c for c in ("plan_uniform", "plan_owl", "plan_alpha_hill", "plan_atp", "plan_layerif",
+                                      "plan_sensitivity")
+                          if by[c]["layer_sparsity"] != by["plan_auto"]["layer_sparsity"]}
+
+
+def test_heldout_vs_test_section_counts_every_pair_once(rp):
+    paths = {p.name: p for p in RESULTS.glob("plan_smollm2-135m_*.json")}
+    rows = rp.read_rows(RESULTS / "retest_plans_smollm2-135m.jsonl")
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if r["eval_docs"] == 32:
+            groups.setdefault((r["plan"], r["eval_docs"], rp.threads_of(r)), []).append(r)
+    lines = rp.heldout_vs_test_section(groups, paths)
+    pairs = [x for x in lines[4].splitlines()[2:]]  # the per-pair table
+    cross = lines[2].splitlines()[2:]
+    assert sum(int(c) for row in cross for c in row.strip("|").split("|")[1:]) == len(pairs)
+    assert f"{len(pairs)} pairs" in lines[0]
+    cells = [p.split("|")[1].strip() for p in pairs]
+    plans = {c.rsplit(",", 1)[0] for c in cells}
+    assert len(plans) == len(set(cells))  # each plan once, at one thread count
+    assert not any("before-batch-fix" in c for c in cells)  # the search judged another model there
