@@ -103,6 +103,9 @@ SIZE_KEYS = ("n_calib", "max_length", "n_train", "n_val", "score_length", "eval_
 SIZE_DEFAULTS = {"batch_size": 1, "n_holdout": 32, "sensitivity_examples": 16, "confirm_examples": 0,
                  "planner_allocation": "auto", "sensitivity_around": "dense", "max_moves": 8,
                  "judge_orders": 1}
+#: the planner's sizes that name a plan file when not at their default (two variants of a cell never share a name)
+PLAN_NAME_SIZES = ("n_holdout", "planner_allocation", "sensitivity_around", "max_moves", "sensitivity_examples",
+                   "confirm_examples", "judge_orders")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -411,6 +414,13 @@ def column_candidates(candidates: list[dict[str, Any]]) -> dict[str, tuple[int, 
     return out
 
 
+def plan_file_name(cell: dict[str, Any], args: argparse.Namespace) -> str:
+    """The name a planner cell's plan is kept under: its cell, then each planner size not at its default."""
+    variant = "".join(f"_{k}-{getattr(args, k)}" for k in PLAN_NAME_SIZES if getattr(args, k) != SIZE_DEFAULTS[k])
+    return (f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_{cell['sparsity']}_{cell['seed']}"
+            f"{variant}.json")
+
+
 def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores: dict[str, Path], docs: list[str],
                      args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """``allocation: auto`` once (every provider searched, sensitivity, the decision), then each column tested."""
@@ -430,11 +440,7 @@ def run_planner_cell(cell: dict[str, Any], model_dir: Path, calib: Path, scores:
                         sensitivity_examples=args.sensitivity_examples, confirm_examples=args.confirm_examples,
                         judge_orders=args.judge_orders, overwrite=True, show_progress=False)
     plan_s = time.perf_counter() - t0
-    variant = "".join(f"_{k}-{getattr(args, k)}" for k in ("planner_allocation", "sensitivity_around", "max_moves",
-                                                            "sensitivity_examples", "confirm_examples", "judge_orders")
-                      if getattr(args, k) != SIZE_DEFAULTS[k])
-    shutil.copy(plan_path, Path(args.out) / f"plan_{model_tag(args.model)}_{cell['task']}_{cell['algorithm']}_"
-                f"{cell['sparsity']}_{cell['seed']}{variant}.json")
+    shutil.copy(plan_path, Path(args.out) / plan_file_name(cell, args))
     rows = []
     for column, (path, cand) in column_plans(plan_path, work).items():
         pruned = work / "pruned"

@@ -66,6 +66,19 @@ def test_planner_knobs_are_part_of_a_cell_and_old_rows_read_as_the_defaults(qp):
         other = qp.parse_args(["--allocations", "planner", "--sparsities", "0.7", "--algorithms", "wanda",
                                "--noise-seeds", "", *extra])
         assert qp.cell_key({**cell, "sizes": qp.sizes(other)}) != qp.cell_key(old_row), extra
+        assert qp.plan_file_name(cell, other) != qp.plan_file_name(cell, base), extra  # kept side by side
+
+
+def test_plan_file_names_say_the_cell_and_every_non_default_knob(qp):
+    base = qp.parse_args(["--allocations", "planner", "--sparsities", "0.6", "--algorithms", "wanda",
+                          "--noise-seeds", "", "--tasks", "tinystories", "--seeds", "1"])
+    cell = qp.planned_cells(base)[0]
+    assert qp.plan_file_name(cell, base) == "plan_smollm2-135m_tinystories_wanda_0.6_1.json"
+    other = qp.parse_args(["--allocations", "planner", "--sparsities", "0.6", "--algorithms", "wanda",
+                           "--noise-seeds", "", "--tasks", "tinystories", "--seeds", "1", "--n-holdout", "64",
+                           "--confirm-examples", "16"])
+    assert qp.plan_file_name(cell, other) == ("plan_smollm2-135m_tinystories_wanda_0.6_1_n_holdout-64_"
+                                              "confirm_examples-16.json")
 
 
 def test_report_tables_noise_and_auto(qp, tmp_path):
