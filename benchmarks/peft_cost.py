@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import subprocess
 import sys
@@ -29,16 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# offline, quiet hosts, this checkout importable: set before torch or a host library is imported
+import bench_env  # noqa: E402,F401
+
+# isort: split
 
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from quality_peft import peak_memory_mib, reset_peak_memory  # noqa: E402
 
 from layerif_plugins.allocate.experts import ExpertLayout  # noqa: E402

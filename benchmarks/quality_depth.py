@@ -25,23 +25,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# offline, quiet hosts, this checkout importable: set before torch or a host library is imported
+from bench_env import REPO  # noqa: E402
+
+# isort: split
 
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from quality_pruning import append_row, examples_of, model_tag, read_rows, task_splits  # noqa: E402
 
 from layerif_plugins.allocate.layers import last_layers, layers_to_drop  # noqa: E402

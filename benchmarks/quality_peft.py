@@ -72,27 +72,21 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# offline, quiet hosts, this checkout importable: set before torch or a host library is imported
+from bench_env import REPO  # noqa: E402
+
+# isort: split
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from quality_moe import layout_beta, split_task  # noqa: E402
 from quality_pruning import append_row, model_tag, read_rows  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from layerif_plugins.data import Examples, collate, pad_id_of  # noqa: E402
 from layerif_plugins.engine import InfluenceConfig  # noqa: E402

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -53,16 +52,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# offline, quiet hosts, this checkout importable: set before torch or a host library is imported
+from bench_env import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+# isort: split
+
 
 from quality_pruning import examples_of, model_tag  # noqa: E402  (one copy of the shared helpers)
 

@@ -57,15 +57,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# offline, quiet hosts, this checkout importable: set before torch or a host library is imported
+from bench_env import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# isort: split
+
 
 #: variant → (label, allocation passed to prune_model, scores key or None, spread)
 VARIANTS: dict[str, tuple[str, str, str | None, float | str | None]] = {

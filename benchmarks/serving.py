@@ -38,14 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# offline, quiet hosts, this checkout importable: set before torch or a host library is imported
+from bench_env import REPO  # noqa: E402
+
+# isort: split
 
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from layerif_plugins.io import atomic_write_json, atomic_write_text  # noqa: E402
 from layerif_plugins.report import markdown_table  # noqa: E402

@@ -29,7 +29,7 @@ def cell(tmp_path_factory):
     assert qp.main([*CELL, "--work", str(out / "work"), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "quality_pruning_stories260k.jsonl").read_text().splitlines()]
     # its non-default sizes name the plan (quality_pruning's variant suffix)
-    return out / "plan_stories260k_wikitext2_wanda_0.5_0_sensitivity_examples-8.json", rows
+    return out / "plan_stories260k_wikitext2_wanda_0.5_0_n_holdout-16_sensitivity_examples-8.json", rows
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
     d = per_doc["plan_auto"] - per_doc["plan_uniform"]
     report = (tmp_path / "retest_plans_stories260k.md").read_text()
     assert f"| uniform | {by['plan_uniform']['ppl']:.2f} | {by['plan_uniform']['ppl_first']:.2f} |" in report
-    assert "**wikitext2 wanda 50% seed 0 (sensitivity_examples-8), 2 threads** — WikiText-2 test, 12 documents" \
+    assert "**wikitext2 wanda 50% seed 0 (n_holdout-16_sensitivity_examples-8), 2 threads** — WikiText-2 test, 12 documents" \
         in report
     assert f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(12):.4f}" in report
     # the tally: auto against the baseline with the lowest test perplexity, by hand
