@@ -410,6 +410,28 @@ def column_candidates(candidates: list[dict[str, Any]]) -> dict[str, tuple[int, 
     return out
 
 
+def column_costs(plan: dict[str, Any]) -> dict[str, tuple[int, int, float]]:
+    """What each column of a planner cell cost inside its search: (prunes, single-layer prunes, seconds).
+
+    A searched column's cost is its own candidates' (each one pruning pass plus its held-out losses);
+    ``sensitivity`` adds its table (one single-layer prune per layer and level) to the knapsack's and the
+    moves' candidates; ``auto`` is the whole search (every column, the scores check, loading). The seconds
+    are the plan's own wall clock of each candidate, so they carry the machine's load at the time.
+    """
+    out: dict[str, tuple[int, int, float]] = {}
+    for column, providers in PLANNER_COLUMNS.items():
+        mine = [c for c in plan["candidates"] if c["provider"] in providers]
+        if mine:
+            out[column] = (len(mine), 0, sum(c.get("seconds") or 0.0 for c in mine))
+    table = plan.get("extras", {}).get("sensitivity")
+    if table and "plan_sensitivity" in out:
+        n, _, sec = out["plan_sensitivity"]
+        out["plan_sensitivity"] = (n, table.get("layer_prunes", 0), sec + (table.get("seconds") or 0.0))
+    cost = plan.get("cost", {})
+    out["plan_auto"] = (cost.get("prunes", 0), cost.get("layer_prunes", 0), cost.get("seconds", 0.0))
+    return out
+
+
 def plan_file_name(cell: dict[str, Any], args: argparse.Namespace) -> str:
     """The name a planner cell's plan is kept under: its cell, then each planner size not at its default."""
     variant = "".join(f"_{k}-{getattr(args, k)}" for k in PLAN_NAME_SIZES if getattr(args, k) != SIZE_DEFAULTS[k])

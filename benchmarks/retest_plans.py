@@ -53,6 +53,7 @@ from quality_pruning import (  # noqa: E402  (sets the offline environment, puts
     append_row,
     calibration_file,
     column_candidates,
+    column_costs,
     column_plans,
     model_tag,
     read_rows,
@@ -447,6 +448,38 @@ def heldout_vs_test_section(groups: dict[tuple, list[dict[str, Any]]], paths: di
                            table), ""]
 
 
+def search_cost_section(paths: dict[str, Path]) -> list[str]:
+    """Each column's own search cost in every saved plan: what a user pays for that column alone.
+
+    Why: the issue behind the planner asks for the cost of each column beside its quality; a user who
+    can afford 6 pruning passes but not 36 wants to know what ATP alone costs next to ``auto``.
+    """
+    table = []
+    for name, path in sorted(paths.items()):
+        if not path.is_file():
+            continue
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        if plan.get("allocation") != "auto":
+            continue
+        costs = column_costs(plan)
+        line = [name.removeprefix("plan_").removesuffix(".json")]
+        for column in PLANNER_COLUMNS:
+            if column not in costs:
+                line.append("-")
+                continue
+            prunes, layers, sec = costs[column]
+            line.append(f"{prunes}" + (f" + {layers} layer" if layers else "") + f", {sec / 60:.1f} min")
+        table.append(line)
+    if not table:
+        return []
+    return ["**Search cost of each column** (from the saved plans: pruning passes, + single-layer prunes of the "
+            "sensitivity table, and wall minutes of that column's own candidates; *auto*: the whole search, every "
+            "column plus loading and the checks). A column's candidates are its knob grid; *sensitivity*'s are the "
+            "knapsack and the local moves. "
+            "Minutes carry the machine's load at the time (most cells ran two or three side by side on 2 cores).",
+            "", markdown_table(["plan", *[PLANNER_LABELS[c] for c in PLANNER_COLUMNS]], table), ""]
+
+
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> str:
     paths = {Path(p).name: Path(p) for p in args.plans}
     now = {name: column_now(path) for name, path in paths.items() if path.is_file()}
@@ -466,6 +499,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path
              "column.", ""]
     lines += tally_table(groups, now)
     lines += heldout_vs_test_section(groups, paths)
+    lines += search_cost_section(paths)
     for key in sorted(groups):
         lines += cell_table(groups[key])
     lines.append(f"Command: `python benchmarks/retest_plans.py --model {args.model} --eval-docs {args.eval_docs}`")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from benchmark_modules import load_benchmark
 
@@ -127,3 +129,21 @@ def test_planner_report_shows_every_column_with_deltas_and_cost(qp, tmp_path):
     assert ("| wanda | 0.70 | 100.00 | 90.00 (-10.0 %) | 95.00 (-5.0 %) | 80.00 (-20.0 %) | 99.00 (-1.0 %) "
             "| 85.00 (-15.0 %) | 80.00 (-20.0 %) | atp; 36 prunes + 210 layer prunes, 10.0 min |") in text
     assert "wanda 0.70 seed 0: start from uniform()" in text
+
+
+def test_column_costs_add_up_to_the_search_they_came_from(qp):
+    """Every kept auto plan: the columns' own prunes are the search's, their seconds fit inside its wall clock."""
+    plans = sorted((qp.REPO / "benchmarks" / "results").glob("plan_smollm2-135m_*.json"))
+    checked = 0
+    for path in plans:
+        plan = json.loads(path.read_text())
+        if plan["allocation"] != "auto":
+            continue
+        costs = qp.column_costs(plan)
+        own = [c for k, c in costs.items() if k != "plan_auto"]
+        assert sum(p for p, _, _ in own) == plan["cost"]["prunes"] == costs["plan_auto"][0], path.name
+        assert sum(n for _, n, _ in own) == plan["extras"]["sensitivity"]["layer_prunes"] == costs["plan_auto"][1]
+        assert costs["plan_uniform"][:2] == (1, 0)
+        assert 0 < sum(s for _, _, s in own) <= costs["plan_auto"][2], path.name
+        checked += 1
+    assert checked >= 20

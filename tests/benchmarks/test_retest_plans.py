@@ -59,8 +59,8 @@ def test_retest_reproduces_the_cell_and_pairs_documents(rp, cell, tmp_path, caps
     d = per_doc["plan_auto"] - per_doc["plan_uniform"]
     report = (tmp_path / "retest_plans_stories260k.md").read_text()
     assert f"| uniform | {by['plan_uniform']['ppl']:.2f} | {by['plan_uniform']['ppl_first']:.2f} |" in report
-    assert "**wikitext2 wanda 50% seed 0 (n_holdout-16_sensitivity_examples-8), 2 threads** — WikiText-2 test, 12 documents" \
-        in report
+    assert ("**wikitext2 wanda 50% seed 0 (n_holdout-16_sensitivity_examples-8), 2 threads** — WikiText-2 test, "
+            "12 documents") in report
     assert f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(12):.4f}" in report
     # the tally: auto against the baseline with the lowest test perplexity, by hand
     best = min((c for c in rp.BASELINES if c in by), key=lambda c: by[c]["ppl"])
@@ -170,3 +170,16 @@ def test_heldout_vs_test_section_counts_every_pair_once(rp):
     plans = {c.rsplit(",", 1)[0] for c in cells}
     assert len(plans) == len(set(cells))  # each plan once, at one thread count
     assert not any("before-batch-fix" in c for c in cells)  # the search judged another model there
+
+
+def test_search_cost_section_has_one_row_per_auto_plan_and_the_search_total(rp):
+    paths = {p.name: p for p in RESULTS.glob("plan_smollm2-135m_*.json")}
+    plans = {n: json.loads(p.read_text()) for n, p in paths.items()}
+    auto = sorted(n for n, p in plans.items() if p["allocation"] == "auto")
+    lines = rp.search_cost_section(paths)
+    rows = lines[2].splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == [n.removeprefix("plan_").removesuffix(".json") for n in auto]
+    for row, name in zip(rows, auto, strict=True):
+        cost = plans[name]["cost"]
+        assert row.split("|")[-2].strip() == (f"{cost['prunes']} + {cost['layer_prunes']} layer, "
+                                              f"{cost['seconds'] / 60:.1f} min")
