@@ -54,10 +54,6 @@ from typing import Any
 
 # offline, quiet hosts, this checkout importable: set before torch or a host library is imported
 from bench_env import REPO  # noqa: E402
-
-# isort: split
-
-
 from quality_pruning import examples_of, model_tag  # noqa: E402  (one copy of the shared helpers)
 
 SPLIT_SEED = 1234

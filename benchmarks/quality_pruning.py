@@ -60,9 +60,6 @@ from typing import Any
 # offline, quiet hosts, this checkout importable: set before torch or a host library is imported
 from bench_env import REPO  # noqa: E402
 
-# isort: split
-
-
 #: variant → (label, allocation passed to prune_model, scores key or None, spread)
 VARIANTS: dict[str, tuple[str, str, str | None, float | str | None]] = {
     "uniform": ("uniform", "uniform", None, None),
