@@ -413,20 +413,40 @@ def column_costs(plan: dict[str, Any]) -> dict[str, tuple[int, int, float]]:
     A searched column's cost is its own candidates' (each one pruning pass plus its held-out losses);
     ``sensitivity`` adds its table (one single-layer prune per layer and level) to the knapsack's and the
     moves' candidates; ``auto`` is the whole search (every column, the scores check, loading). The seconds
-    are the plan's own wall clock of each candidate, so they carry the machine's load at the time.
+    are the plan's own wall clock of each candidate, so they carry the machine's load at the time. A search
+    resumed from its journal adds what the rows read back took in the interrupted run (not its loading or
+    scoring, so a lower bound; table rows journaled before 2026-12-07 carry no time: missing from the
+    seconds, not from the prunes).
     """
     out: dict[str, tuple[int, int, float]] = {}
     for column, providers in PLANNER_COLUMNS.items():
         mine = [c for c in plan["candidates"] if c["provider"] in providers]
         if mine:
             out[column] = (len(mine), 0, sum(c.get("seconds") or 0.0 for c in mine))
-    table = plan.get("extras", {}).get("sensitivity")
+    table = plan.get("extras", {}).get("sensitivity") or {}
+    table_prunes = table_layer_prunes(table)
+    table_s = (table.get("seconds") or 0.0) + (table.get("resumed_seconds") or 0.0)
     if table and "plan_sensitivity" in out:
         n, _, sec = out["plan_sensitivity"]
-        out["plan_sensitivity"] = (n, table.get("layer_prunes", 0), sec + (table.get("seconds") or 0.0))
+        out["plan_sensitivity"] = (n, table_prunes, sec + table_s)
     cost = plan.get("cost", {})
-    out["plan_auto"] = (cost.get("prunes", 0), cost.get("layer_prunes", 0), cost.get("seconds", 0.0))
+    resumed_s = sum(c.get("seconds") or 0.0 for c in plan["candidates"] if c.get("status") == "resumed")
+    out["plan_auto"] = (cost.get("prunes", 0) + cost.get("resumed", 0), table_prunes,
+                        cost.get("seconds", 0.0) + resumed_s + (table.get("resumed_seconds") or 0.0))
     return out
+
+
+def table_layer_prunes(table: dict[str, Any]) -> int:
+    """The single-layer prunes a sensitivity table took, over every run that measured it: its measured entries
+    (around the uniform model the operating point itself is no prune)."""
+    center = table.get("center") if table.get("around") == "uniform" else None
+    return sum(1 for row in table.get("costs", []) for k, c in enumerate(row) if c is not None and k != center)
+
+
+def resumed_search(plan: dict[str, Any]) -> bool:
+    """Whether the plan's search was interrupted and resumed from its journal (its cost is then summed over runs)."""
+    cost = plan.get("cost", {})
+    return bool(cost.get("resumed") or cost.get("resumed_layers"))
 
 
 def plan_file_name(cell: dict[str, Any], args: argparse.Namespace) -> str:

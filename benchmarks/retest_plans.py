@@ -57,6 +57,7 @@ from quality_pruning import (  # noqa: E402  (sets the offline environment, puts
     column_plans,
     model_tag,
     read_rows,
+    resumed_search,
     task_splits,
 )
 from quality_pruning import parse_args as cell_args  # noqa: E402
@@ -462,7 +463,7 @@ def search_cost_section(paths: dict[str, Path]) -> list[str]:
         if plan.get("allocation") != "auto":
             continue
         costs = column_costs(plan)
-        line = [name.removeprefix("plan_").removesuffix(".json")]
+        line = [name.removeprefix("plan_").removesuffix(".json") + (" (resumed)" if resumed_search(plan) else "")]
         for column in PLANNER_COLUMNS:
             if column not in costs:
                 line.append("-")
@@ -476,7 +477,10 @@ def search_cost_section(paths: dict[str, Path]) -> list[str]:
             "sensitivity table, and wall minutes of that column's own candidates; *auto*: the whole search, every "
             "column plus loading and the checks). A column's candidates are its knob grid; *sensitivity*'s are the "
             "knapsack and the local moves. "
-            "Minutes carry the machine's load at the time (most cells ran two or three side by side on 2 cores).",
+            "Minutes carry the machine's load at the time (most cells ran two or three side by side on 2 cores). "
+            "*(resumed)*: the search was interrupted and resumed from its journal; its cost adds what the rows read "
+            "back took in the interrupted run (a sensitivity table journaled before 2026-12-07 kept no time: "
+            "its minutes are missing there, its prunes are not).",
             "", markdown_table(["plan", *[PLANNER_LABELS[c] for c in PLANNER_COLUMNS]], table), ""]
 
 

@@ -167,9 +167,10 @@ class TableJournal:
     def __init__(self, path: str | Path | None, context: str):
         self.path = Path(path) if path is not None else None
         self.context = f"sensitivity-table|{context}"
-        self._rows: dict[int, tuple[float, list[float | None]]] = {}
+        self._rows: dict[int, tuple[float, list[float | None], float]] = {}
         for row in _read_rows(self.path, self.context):
-            self._rows[int(row["layer"])] = (float(row["base_loss"]), list(row["costs"]))
+            self._rows[int(row["layer"])] = (float(row["base_loss"]), list(row["costs"]),
+                                             float(row.get("seconds", 0.0)))  # rows before 2026-12-07: no time
 
     def get(self, layer: int, base_loss: float) -> list[float | None] | None:
         """The layer's finished row, if it was measured against this base loss (to float noise)."""
@@ -178,10 +179,15 @@ class TableJournal:
             return None
         return list(got[1])
 
-    def add(self, layer: int, base_loss: float, costs: Sequence[float | None]) -> None:
-        self._rows[layer] = (base_loss, list(costs))
+    def seconds(self, layer: int) -> float:
+        """What measuring the layer's saved row took (0 when unknown), so a resumed table still reports its cost."""
+        got = self._rows.get(layer)
+        return got[2] if got is not None else 0.0
+
+    def add(self, layer: int, base_loss: float, costs: Sequence[float | None], seconds: float = 0.0) -> None:
+        self._rows[layer] = (base_loss, list(costs), seconds)
         _append_row(self.path, {"context": self.context, "layer": layer, "base_loss": base_loss,
-                                "costs": list(costs)})
+                                "costs": list(costs), "seconds": seconds})
 
 
 #: most a resumed table row's base loss may differ from the re-measured one (nats; float noise only)
@@ -363,6 +369,7 @@ def plan_allocation(
     chosen, why, rule = _decide(cands, providers, decision, sigmas, confirm_examples, orders)
     cost = {"seconds": time.perf_counter() - t0, "prunes": passes, "resumed": resumed,
             "evaluated_seconds": sum(c.seconds for c in cands if c.status in ("evaluated", "resumed")),
+            "resumed_seconds": sum(c.seconds for c in cands if c.status == "resumed"),
             "budget": budget.to_dict(), "budget_exhausted": exhausted}
     return SearchResult(cands, chosen, {"rule": rule, "why": why}, cost)
 

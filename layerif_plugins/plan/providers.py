@@ -234,10 +234,13 @@ class SensitivityTable:
     seconds: float = 0.0
     layer_prunes: int = 0
     resumed_layers: int = 0  # rows read back from an interrupted run's journal (their prunes are not counted)
+    resumed_layer_prunes: int = 0  # the single-layer prunes those rows took in the interrupted run
+    resumed_seconds: float = 0.0  # and their time there (``seconds`` is this run's)
 
     def to_dict(self) -> dict[str, Any]:
         return {"grid": self.grid, "costs": self.costs, "center": self.center, "base_loss": self.base_loss,
-                "seconds": self.seconds, "layer_prunes": self.layer_prunes, "resumed_layers": self.resumed_layers}
+                "seconds": self.seconds, "layer_prunes": self.layer_prunes, "resumed_layers": self.resumed_layers,
+                "resumed_layer_prunes": self.resumed_layer_prunes, "resumed_seconds": self.resumed_seconds}
 
     def cost_at(self, layer: int, level: float) -> float:
         """Linear interpolation of ``costs[layer]`` at ``level`` (clamped to the measured range)."""

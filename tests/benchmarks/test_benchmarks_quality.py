@@ -141,9 +141,38 @@ def test_column_costs_add_up_to_the_search_they_came_from(qp):
             continue
         costs = qp.column_costs(plan)
         own = [c for k, c in costs.items() if k != "plan_auto"]
-        assert sum(p for p, _, _ in own) == plan["cost"]["prunes"] == costs["plan_auto"][0], path.name
-        assert sum(n for _, n, _ in own) == plan["extras"]["sensitivity"]["layer_prunes"] == costs["plan_auto"][1]
+        cost, table = plan["cost"], plan["extras"]["sensitivity"]
+        # a search resumed from its journal counts the interrupted run's share too
+        assert sum(p for p, _, _ in own) == cost["prunes"] + cost["resumed"] == costs["plan_auto"][0], path.name
+        measured = len(plan["candidates"]) - sum(c["status"] in ("duplicate", "infeasible") for c in
+                                                 plan["candidates"])
+        assert costs["plan_auto"][0] == measured, path.name
+        per_layer = 6 if table.get("around") == "uniform" else 7  # 7 levels; around uniform its centre is no prune
+        assert sum(n for _, n, _ in own) == costs["plan_auto"][1] == 30 * per_layer, path.name
+        # plans resumed before the journal kept the count: every resumed row took per_layer prunes
+        assert table["layer_prunes"] + table.get("resumed_layer_prunes",
+                                                 per_layer * table.get("resumed_layers", 0)) == 30 * per_layer
         assert costs["plan_uniform"][:2] == (1, 0)
         assert 0 < sum(s for _, _, s in own) <= costs["plan_auto"][2], path.name
+        assert qp.resumed_search(plan) == bool(cost["resumed"]), path.name
         checked += 1
     assert checked >= 20
+
+
+def test_a_resumed_search_costs_what_its_runs_spent_together(qp):
+    """The interrupted run's candidates and table rows (read back from the journal) count in every column's cost."""
+    cands = [{"provider": "uniform", "status": "resumed", "seconds": 60.0},
+             {"provider": "atp", "status": "resumed", "seconds": 50.0},
+             {"provider": "atp", "status": "evaluated", "seconds": 40.0},
+             {"provider": "sensitivity", "status": "evaluated", "seconds": 30.0}]
+    table = {"costs": [[0.1, 0.2, None], [0.3, 0.4, None]], "center": 1, "around": "dense", "seconds": 5.0,
+             "layer_prunes": 2, "resumed_layers": 1, "resumed_layer_prunes": 2, "resumed_seconds": 100.0}
+    plan = {"candidates": cands, "extras": {"sensitivity": table},
+            "cost": {"seconds": 90.0, "prunes": 2, "resumed": 2, "layer_prunes": 2, "resumed_layers": 1}}
+    costs = qp.column_costs(plan)
+    assert costs["plan_uniform"] == (1, 0, 60.0) and costs["plan_atp"] == (2, 0, 90.0)
+    assert costs["plan_sensitivity"] == (1, 4, 30.0 + 5.0 + 100.0)
+    assert costs["plan_auto"] == (4, 4, 90.0 + 110.0 + 100.0)
+    assert qp.resumed_search(plan)
+    # around the uniform model the operating point is no prune
+    assert qp.table_layer_prunes({**table, "around": "uniform"}) == 2

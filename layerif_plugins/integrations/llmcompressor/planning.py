@@ -225,6 +225,7 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
     resume = None
     costs: list[list[float | None]] = []
     prunes = resumed = 0
+    resumed_seconds = 0.0
     per_layer = len(allowed) - (1 if around == "uniform" and half_width in allowed else 0)  # the point itself: 0
     bar = tqdm(total=len(params) * per_layer, desc="planning: sensitivity", unit="layer-prune",
                disable=not show_progress)
@@ -240,9 +241,11 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
             if done is not None:
                 costs.append(done)
                 resumed += 1
+                resumed_seconds += journal.seconds(layer) if journal is not None else 0.0
                 bar.update(per_layer)
                 continue
             mods = by_layer.get(layer, [])
+            started = time.perf_counter()
             current = WeightSnapshot(mods)  # dense, or at the target
             row: list[float | None] = []
             for k, level in enumerate(grid):
@@ -266,7 +269,7 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
                 bar.update(1)
             costs.append(row)
             if journal is not None:
-                journal.add(layer, base, row)
+                journal.add(layer, base, row, seconds=time.perf_counter() - started)
     finally:
         bar.close()
         if resume is not None:
@@ -274,7 +277,8 @@ def measure_sensitivity(model: torch.nn.Module, modules: Sequence[Module], param
         for snapshot in dense.values():
             snapshot.restore()
     return SensitivityTable(grid=grid, costs=costs, center=half_width, base_loss=base,
-                            seconds=time.perf_counter() - t0, layer_prunes=prunes, resumed_layers=resumed)
+                            seconds=time.perf_counter() - t0, layer_prunes=prunes, resumed_layers=resumed,
+                            resumed_layer_prunes=resumed * per_layer, resumed_seconds=resumed_seconds)
 
 
 # ----------------------------------------------------------------------------- providers
@@ -465,6 +469,9 @@ def make_plan(
     plan.cost["seconds"] = time.perf_counter() - t0
     plan.cost["layer_prunes"] = extras.get("sensitivity", {}).get("layer_prunes", 0)
     plan.cost["resumed_layers"] = extras.get("sensitivity", {}).get("resumed_layers", 0)
+    plan.cost["resumed_layer_prunes"] = extras.get("sensitivity", {}).get("resumed_layer_prunes", 0)
+    plan.cost["resumed_seconds"] = (result.cost.get("resumed_seconds", 0.0)
+                                    + extras.get("sensitivity", {}).get("resumed_seconds", 0.0))
     win = result.winner
     logger.info("plan (%s): chose %s %s, held-out perplexity %.4f (%d pruning passes, %.0f s)", options.allocation,
                 win.provider, {k: v for k, v in win.knobs.items() if k != "levels"}, win.perplexity,

@@ -122,9 +122,14 @@ def test_an_interrupted_sensitivity_table_resumes_at_the_next_layer(stories_dir,
     again = measure_sensitivity(*args, step=0.2, half_width=1, around=around, journal=TableJournal(path, "ctx"))
     assert again.costs == full.costs and again.base_loss == full.base_loss
     assert (again.resumed_layers, again.layer_prunes) == (2, 3 * per_layer)
+    # what the interrupted run spent on the rows read back stays counted: their prunes and their journaled time
+    saved = [json.loads(line) for line in path.read_text().splitlines()[:2]]
+    assert again.resumed_layer_prunes == 2 * per_layer and all(r["seconds"] > 0 for r in saved)
+    assert again.resumed_seconds == pytest.approx(sum(r["seconds"] for r in saved))
     # every row is now journaled: a third run prunes nothing; another context or base loss reuses nothing
     third = measure_sensitivity(*args, step=0.2, half_width=1, around=around, journal=TableJournal(path, "ctx"))
     assert third.costs == full.costs and (third.resumed_layers, third.layer_prunes) == (5, 0)
+    assert third.resumed_layer_prunes == full.layer_prunes == 5 * per_layer
     assert TableJournal(path, "another table").get(0, full.base_loss) is None
     assert TableJournal(path, "ctx").get(0, full.base_loss + 1e-3) is None
     assert TableJournal(path, "ctx").get(0, full.base_loss) == full.costs[0]
@@ -364,6 +369,11 @@ def test_a_plan_interrupted_in_its_sensitivity_table_resumes_to_the_same_plan(st
     assert again.extras["sensitivity"]["costs"] == fresh.extras["sensitivity"]["costs"]
     assert (again.cost["resumed_layers"], again.cost["layer_prunes"]) == (3, 2 * 3)
     assert fresh.cost["resumed_layers"] == 0 and fresh.cost["layer_prunes"] == 5 * 3
+    # the plan's cost keeps the killed run's share: prunes add up to the uninterrupted search's, and its time
+    table_rows = [r for r in rows if r["context"].startswith("sensitivity-table|")]
+    assert again.cost["resumed_layer_prunes"] + again.cost["layer_prunes"] == fresh.cost["layer_prunes"]
+    assert again.cost["resumed_seconds"] >= sum(r["seconds"] for r in table_rows) > 0
+    assert fresh.cost["resumed_seconds"] == 0 and fresh.cost["resumed_layer_prunes"] == 0
     assert again.layer_sparsity == fresh.layer_sparsity
     assert [c["loss"] for c in again.candidates] == [c["loss"] for c in fresh.candidates]
     assert not journal.exists()
@@ -564,6 +574,8 @@ def test_interrupted_plan_resumes_from_its_last_finished_candidate(stories_dir, 
     assert main(args) == 0
     plan = AllocationPlan.load(out)
     assert plan.cost["resumed"] == done and plan.cost["prunes"] == 7 - done
+    resumed = [c for c in plan.candidates if c["status"] == "resumed"]
+    assert len(resumed) == done and plan.cost["resumed_seconds"] == pytest.approx(sum(c["seconds"] for c in resumed))
     assert not journal.exists()
 
 
