@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -178,8 +179,18 @@ def test_search_cost_section_has_one_row_per_auto_plan_and_the_search_total(rp):
     auto = sorted(n for n, p in plans.items() if p["allocation"] == "auto")
     lines = rp.search_cost_section(paths)
     rows = lines[2].splitlines()[2:]
-    assert [r.split("|")[1].strip() for r in rows] == [n.removeprefix("plan_").removesuffix(".json") for n in auto]
+    resumed = {n for n in auto if plans[n]["cost"].get("resumed")}
+    assert resumed  # two SparseGPT 50 % searches were interrupted and resumed (2026-12-07)
+    assert [r.split("|")[1].strip() for r in rows] == [n.removeprefix("plan_").removesuffix(".json")
+                                                       + (" (resumed)" if n in resumed else "") for n in auto]
     for row, name in zip(rows, auto, strict=True):
         cost = plans[name]["cost"]
-        assert row.split("|")[-2].strip() == (f"{cost['prunes']} + {cost['layer_prunes']} layer, "
-                                              f"{cost['seconds'] / 60:.1f} min")
+        if name not in resumed:
+            assert row.split("|")[-2].strip() == (f"{cost['prunes']} + {cost['layer_prunes']} layer, "
+                                                  f"{cost['seconds'] / 60:.1f} min")
+            continue
+        # a resumed search: the interrupted run's candidates and table rows count too, and its minutes
+        cell = row.split("|")[-2].strip()
+        prunes, layers, minutes = re.fullmatch(r"(\d+) \+ (\d+) layer, ([0-9.]+) min", cell).groups()
+        assert (int(prunes), int(layers)) == (cost["prunes"] + cost["resumed"], 210)
+        assert float(minutes) > cost["seconds"] / 60 + 30
