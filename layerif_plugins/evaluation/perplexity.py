@@ -181,12 +181,16 @@ def token_losses_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tupl
     return [float(x) for x in nll.sum(dim=1)], [int(x) for x in (target != IGNORE_INDEX).sum(dim=1)]
 
 
+@torch.no_grad()
 def example_token_losses(model: nn.Module, examples: Examples, pad_id: int, batch_size: int = 16
                          ) -> tuple[list[float], list[int]]:
     """Per example: the summed next-token cross-entropy (nats, padding excluded) and its token count.
 
     The unit of paired comparisons between pruned candidates (layerif_plugins/plan/decide.py):
     every candidate is scored on the same examples, so differences can be taken example by example.
+    Without gradients: a model loaded for llm-compressor keeps ``requires_grad`` on its weights, and
+    a forward that records its graph held ≈ 3 GiB more on SmolLM2-135M (16 × 128-token batches) for
+    the planner's whole search (benchmarks/README.md, *Planner memory*).
     """
     was_training = model.training
     model.eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 USERS = ("peft_cost", "quality_depth", "quality_moe", "quality_peft", "quality_precision", "quality_pruning",
-         "serving")
+         "serving", "planner_memory")
 
 
 def first_import_line(tree: ast.Module, module: str) -> int | None:
