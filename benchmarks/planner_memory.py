@@ -12,6 +12,9 @@ the next measurement, which would understate it):
    moves), a sampler thread keeping the peak RSS of each phase: the candidates (a stock prune plus the
    held-out losses, weights restored), llm-compressor's calibration statistics, the table (its layer-input
    cache and single-layer prunes), and everything else (loading, scores, OWL's norms, saving).
+3. **``prune_model`` in a loop.** Three calls in one process (a sweep, the retest of a planner cell): the
+   RSS after each (garbage collected). Before 2026-12-07 every call left its model alive in torch.fx's
+   wrap table (``integrations/llmcompressor/release.py``): the RSS grew by one model per call.
 
 Usage: ``python benchmarks/planner_memory.py [--model smollm2-135m] [--algorithm sparsegpt] [--out DIR]``;
 prints a markdown table and writes ``planner_memory_<model>.json`` / ``.md`` to ``--out``.
@@ -58,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout-length", type=int, default=128, help="tokens per held-out example (the planner cells')")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="directory for planner_memory_<model>.json / .md")
-    p.add_argument("--probe", choices=["graph", "no-graph", "phases"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=["graph", "no-graph", "phases", "repeat"], default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--calib", default=None, help=argparse.SUPPRESS)
@@ -149,6 +153,24 @@ def probe_phases(args: argparse.Namespace, model_dir: Path, calib: Path, work: P
             "prunes": plan.cost["prunes"], "layer_prunes": plan.cost["layer_prunes"]}
 
 
+def probe_repeat(args: argparse.Namespace, model_dir: Path, calib: Path, work: Path, calls: int = 3
+                 ) -> dict[str, Any]:
+    """RSS after each of ``calls`` stock-Wanda ``prune_model`` runs in one process (child process)."""
+    import gc
+
+    from layerif_plugins.integrations.llmcompressor import prune_model
+
+    gc.collect()
+    after = [rss_mib()]
+    for _ in range(calls):
+        prune_model(model_dir, work / "pruned", algorithm="wanda", sparsity=0.5, allocation="uniform", calib=calib,
+                    n_calib=args.n_calib, max_length=args.max_length, batch_size=16, overwrite=True,
+                    show_progress=False)
+        gc.collect()
+        after.append(rss_mib())
+    return {"rss_after_mib": after}
+
+
 def child(args: argparse.Namespace, probe: str, work: Path, model_dir: Path, calib: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--probe", probe, "--work", str(work), "--model-dir", str(model_dir),
            "--calib", str(calib), "--model", args.model,
@@ -161,7 +183,8 @@ def child(args: argparse.Namespace, probe: str, work: Path, model_dir: Path, cal
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(args: argparse.Namespace, forward: list[dict[str, Any]], phases: dict[str, Any]) -> str:
+def report(args: argparse.Namespace, forward: list[dict[str, Any]], phases: dict[str, Any],
+           repeat: dict[str, Any]) -> str:
     graph, plain = forward
     rows = [[("with the autograd graph (before 2026-12-07)" if r["graph"] else "without (torch.no_grad, now)"),
              f"{r['base_mib']:.0f}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - r['base_mib']:+.0f}",
@@ -180,6 +203,8 @@ def report(args: argparse.Namespace, forward: list[dict[str, Any]], phases: dict
              f"{phases['process_peak_mib']:.0f} MiB):", "",
              markdown_table(["phase", "peak RSS (MiB)"],
                             [[k, f"{v:.0f}"] for k, v in sorted(phases["peaks_mib"].items(), key=lambda kv: -kv[1])]),
+             "", "**`prune_model` three times in one process** (stock Wanda 50 %, uniform; RSS after each call, "
+             "garbage collected, MiB): " + " → ".join(f"{v:.0f}" for v in repeat["rss_after_mib"]) + ".",
              "", f"Command: `python benchmarks/planner_memory.py --model {args.model} --algorithm {args.algorithm} "
              f"--task {args.task}`", ""]
     return "\n".join(lines)
@@ -192,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         work, model_dir, calib = Path(args.work), Path(args.model_dir), Path(args.calib)
         with contextlib.redirect_stdout(sys.stderr):  # host libraries' prints stay off the result line
             out = (probe_phases(args, model_dir, calib, work) if args.probe == "phases"
+                   else probe_repeat(args, model_dir, calib, work) if args.probe == "repeat"
                    else probe_forward(args, model_dir, calib, graph=args.probe == "graph"))
         print(json.dumps(out))
         return 0
@@ -199,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, calib = prepare(args, Path(tmp))
         forward = [child(args, probe, Path(tmp), model_dir, calib) for probe in ("graph", "no-graph")]
         phases = child(args, "phases", Path(tmp), model_dir, calib)
-    text = report(args, forward, phases)
+        repeat = child(args, "repeat", Path(tmp), model_dir, calib)
+    text = report(args, forward, phases, repeat)
     print(text)
     if args.out:
         out = Path(args.out)
@@ -207,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = Path(args.model).name
         atomic_write_text(out / f"planner_memory_{tag}.md", text)
         atomic_write_text(out / f"planner_memory_{tag}.json",
-                          json.dumps({"args": vars(args), "forward": forward, "phases": phases}, indent=1))
+                          json.dumps({"args": vars(args), "forward": forward, "phases": phases, "repeat": repeat},
+                                     indent=1))
     return 0
 
 

@@ -21,5 +21,7 @@ def test_planner_memory_reports_the_forward_side_by_side_and_every_phase(tmp_pat
     assert set(phases["peaks_mib"]) == {*bench.PHASES.values(), bench.OTHER}
     assert phases["prunes"] == 2 and phases["layer_prunes"] == 5 * 3  # uniform + the knapsack; 5 layers × 3 levels
     assert max(phases["peaks_mib"].values()) <= phases["process_peak_mib"] + 1
+    after = data["repeat"]["rss_after_mib"]  # no model left behind per call (stories260K: a few MiB each)
+    assert len(after) == 4 and after[-1] - after[1] < 64
     text = (tmp_path / "planner_memory_stories260k.md").read_text()
     assert text in capsys.readouterr().out and "| candidates (stock prune + held-out losses) |" in text

@@ -34,6 +34,7 @@ _LAZY = {
     "ALGORITHMS": "prune",
     "measure_sparsity": "prune",
     "prune_model": "prune",
+    "release_traced_forwards": "release",
 }
 
 
@@ -74,4 +75,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [*MODIFIER_NAMES, "LayerIFSparsityModifierBase", "ALLOCATIONS", "ALGORITHMS", "register",
-           "measure_sparsity", "prunable_modules", "prune_model", "resolve_scores_path"]
+           "measure_sparsity", "prunable_modules", "prune_model", "release_traced_forwards", "resolve_scores_path"]

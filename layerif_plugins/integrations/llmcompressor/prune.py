@@ -459,6 +459,7 @@ def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModif
     from llmcompressor.core import active_session
 
     from layerif_plugins.integrations.llmcompressor.quantize import quantization_modifiers
+    from layerif_plugins.integrations.llmcompressor.release import release_traced_forwards
 
     dataset = _calibration_dataset(examples)
     recipe = [modifier, *(quantization_modifiers(quantize) if quantize else [])]
@@ -503,4 +504,5 @@ def _oneshot_and_save(model: Any, tokenizer: Any, modifier: LayerIFSparsityModif
             atomic_write_json(tmp / REPORT_NAME, report)
     finally:
         active_session().reset()  # release hooks and the recipe state, also on failure
+        release_traced_forwards(model)  # else torch.fx keeps the model alive for the process's life
     return report

@@ -388,6 +388,7 @@ def quantize_model(
 
     from layerif_plugins.data import load_examples
     from layerif_plugins.integrations.llmcompressor.quant_sensitivity import METHOD, measure_quant_sensitivity
+    from layerif_plugins.integrations.llmcompressor.release import release_traced_forwards
     from layerif_plugins.scores import LayerScores, library_versions
 
     order = check_quantize_request(scheme, budget_bits, scores, device_target, algorithm, order, save_scores)
@@ -455,6 +456,7 @@ def quantize_model(
                 atomic_write_json(tmp / REPORT_NAME, report)
         finally:
             active_session().reset()
+            release_traced_forwards(model)  # else torch.fx keeps the model alive for the process's life
     logger.info("quantized %s → %s: %s, mean %.3f bits per weight", model_path, out,
                 dict.fromkeys(assignment.schemes), float(assignment.mean_bits))
     return report

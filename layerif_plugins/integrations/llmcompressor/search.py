@@ -106,10 +106,15 @@ def prune_in_session(model: torch.nn.Module, modifier: Any, batches: list[Batch]
     from llmcompressor.core.session_functions import create_session
     from llmcompressor.pipelines import CalibrationPipeline
 
+    from layerif_plugins.integrations.llmcompressor.release import release_traced_forwards
+
     data = loader(batches)
     with create_session() as session:
         session.initialize(model=model, start=-1, recipe=[modifier], calib_data=data,
                            sequential_targets=sequential_targets)
         pipeline = CalibrationPipeline.from_modifiers(session.lifecycle.recipe.modifiers)
-        pipeline(model, data, DatasetArguments(sequential_targets=sequential_targets))
-        session.finalize()
+        try:
+            pipeline(model, data, DatasetArguments(sequential_targets=sequential_targets))
+            session.finalize()
+        finally:
+            release_traced_forwards(model)  # one torch.fx record per pass would pile up over a search
