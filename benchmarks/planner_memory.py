@@ -1,6 +1,6 @@
 """Peak memory of the allocation planner on CPU: its held-out forward with and without a graph, and its phases.
 
-Why: a planner cell on SmolLM2-135M peaked at 8.4–9.7 GiB RSS (``/usr/bin/time -v``), sixteen times the
+Why: a planner cell on SmolLM2-135M peaked at 8.0–9.4 GiB RSS (``/usr/bin/time -v``), sixteen times the
 fp32 model. Two measurements, each in its own child process (in one process freed memory is reused by
 the next measurement, which would understate it):
 
